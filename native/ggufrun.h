@@ -1,0 +1,51 @@
+/* ggufrun native kernel library: the C side of the Python/C boundary.
+ *
+ * Python decides, C computes. Every entry point takes raw pointers into memory Python owns (mapped file
+ * views, numpy arrays) and never keeps them after returning. Quant types use ggml's numbering
+ * (gguf.GGMLQuantizationType): F32=0 F16=1 Q4_0=2 Q4_1=3 Q5_0=6 Q5_1=7 Q8_0=8 Q8_1=9 Q2_K=10 Q3_K=11
+ * Q4_K=12 Q5_K=13 Q6_K=14 Q8_K=15 IQ4_NL=20 IQ4_XS=23 BF16=30 MXFP4=39.
+ *
+ * Return values: 0 on success, negative on error (GR_E_*). Errors are argument errors the Python side
+ * should have caught; they exist so a bad call never reads out of bounds.
+ */
+#ifndef GGUFRUN_H
+#define GGUFRUN_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define GR_OK 0
+#define GR_E_QTYPE -1   /* quant type not supported by this entry point */
+#define GR_E_SHAPE -2   /* element count not a multiple of the block size, or non-positive size */
+#define GR_E_ISA   -3   /* requested ISA path not available on this CPU / build */
+
+/* ISA paths, best last. gr_isa_available() is a bitmask of (1 << GR_ISA_x). */
+#define GR_ISA_SCALAR 0
+#define GR_ISA_AVX2   1
+#define GR_ISA_AVX512 2
+#define GR_ISA_NEON   3
+
+int  gr_isa_available(void);
+int  gr_isa_get(void);           /* the path in use: best available unless forced */
+int  gr_isa_set(int isa);        /* force a path (tests); GR_E_ISA if unavailable */
+
+/* Thread pool: persistent workers, created on first use or by gr_threads_set. */
+int  gr_threads_set(int n);      /* n <= 0: physical core count */
+int  gr_threads_get(void);
+
+/* Block geometry, for the Python side to validate sizes with. */
+int  gr_block_size(int qtype);   /* elements per block, 0 if unknown */
+int  gr_type_size(int qtype);    /* bytes per block, 0 if unknown */
+
+/* Dequantize n elements (a multiple of the block size) of type qtype at src into dst (float32). */
+int  gr_dequantize(int qtype, const void *src, float *dst, int64_t n);
+
+/* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tok, r < rows.
+ * W: rows rows of cols elements of qtype, row r at w + r * row_stride bytes (row_stride >= cols / block *
+ * type_size). x: n_tok rows of cols floats (contiguous). y: n_tok rows of rows floats (contiguous).
+ * Activations are quantized the way ggml pairs them with the weight type (Q8_0, Q8_1, Q8_K, F16, BF16,
+ * F32) and products use integer dot products, so results match llama.cpp's CPU backend to float
+ * rounding. Work is split over the thread pool; the caller's thread participates. */
+int  gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
+               const float *x, int64_t n_tok, float *y);
+
+#endif
