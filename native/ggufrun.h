@@ -48,4 +48,12 @@ int  gr_dequantize(int qtype, const void *src, float *dst, int64_t n);
 int  gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
                const float *x, int64_t n_tok, float *y);
 
+/* The activation format gr_matmul pairs with qtype (ggml's vec_dot_type), or GR_E_QTYPE. */
+int  gr_vec_dot_type(int qtype);
+
+/* Convert n floats (a multiple of the format's block size) into activation format act_qtype (F16, BF16,
+ * Q8_0, Q8_1 or Q8_K) exactly as gr_matmul does internally: lets tests check the bytes against a
+ * reference, and callers reuse a quantized activation. dst holds n / block * type_size bytes. */
+int  gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n);
+
 #endif

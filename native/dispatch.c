@@ -1,0 +1,277 @@
+/* Public entry points: argument checks, run-time ISA selection, activation quantization and the
+ * threaded matmul driver. Kernels live in kernels_*.c; this file never touches SIMD itself.
+ *
+ * Every entry point takes one global mutex, so the library is safe to call from several Python
+ * threads (calls run one after another; cffi releases the GIL while they run). */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include "blocks.h"
+#include "threadpool.h"
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+static pthread_mutex_t api_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+static gr_kernels tables[4];
+static int isa_mask;
+static int isa_current;
+
+static void detect_isas(void) {
+    gr_kernels_init_scalar(&tables[GR_ISA_SCALAR]);
+    isa_mask = 1 << GR_ISA_SCALAR;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    /* __builtin_cpu_supports also checks that the OS saves the wide register state (XCR0). */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        gr_kernels_init_avx2(&tables[GR_ISA_AVX2]);
+        isa_mask |= 1 << GR_ISA_AVX2;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512vnni")) {
+            gr_kernels_init_avx512(&tables[GR_ISA_AVX512]);
+            isa_mask |= 1 << GR_ISA_AVX512;
+        }
+    }
+#elif defined(__aarch64__)
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) gr_kernels_init_neon_dotprod(&tables[GR_ISA_NEON]);
+    else gr_kernels_init_neon(&tables[GR_ISA_NEON]);
+    isa_mask |= 1 << GR_ISA_NEON;
+#endif
+    isa_current = GR_ISA_SCALAR;
+    for (int i = 3; i >= 0; i--)
+        if (isa_mask & (1 << i)) { isa_current = i; break; }
+    /* GGUFRUN_ISA=scalar|avx2|avx512|neon pins a path for debugging, if it is available. */
+    const char *pin = getenv("GGUFRUN_ISA");
+    static const char *names[4] = {"scalar", "avx2", "avx512", "neon"};
+    for (int i = 0; pin && i < 4; i++)
+        if (strcmp(pin, names[i]) == 0 && (isa_mask & (1 << i))) isa_current = i;
+}
+
+static void ensure_init(void) { pthread_once(&init_once, detect_isas); }
+
+int gr_isa_available(void) { ensure_init(); return isa_mask; }
+int gr_isa_get(void) { ensure_init(); return isa_current; }
+
+int gr_isa_set(int isa) {
+    ensure_init();
+    if (isa < 0 || isa > 3 || !(isa_mask & (1 << isa))) return GR_E_ISA;
+    pthread_mutex_lock(&api_mutex);
+    isa_current = isa;
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}
+
+int gr_threads_set(int n) {
+    pthread_mutex_lock(&api_mutex);
+    int r = gr_pool_set(n);
+    pthread_mutex_unlock(&api_mutex);
+    return r;
+}
+
+int gr_threads_get(void) {
+    pthread_mutex_lock(&api_mutex);
+    int r = gr_pool_threads();
+    pthread_mutex_unlock(&api_mutex);
+    return r;
+}
+
+/* ---------------------------------------------------------------- geometry */
+
+int gr_block_size(int qtype) {
+    switch (qtype) {
+    case GR_T_F32: case GR_T_F16: case GR_T_BF16: return 1;
+    case GR_T_Q4_0: case GR_T_Q4_1: case GR_T_Q5_0: case GR_T_Q5_1: case GR_T_Q8_0: case GR_T_Q8_1:
+    case GR_T_IQ4_NL: case GR_T_MXFP4: return 32;
+    case GR_T_Q2_K: case GR_T_Q3_K: case GR_T_Q4_K: case GR_T_Q5_K: case GR_T_Q6_K: case GR_T_Q8_K:
+    case GR_T_IQ4_XS: return 256;
+    default: return 0;
+    }
+}
+
+int gr_type_size(int qtype) {
+    switch (qtype) {
+    case GR_T_F32: return 4;
+    case GR_T_F16: case GR_T_BF16: return 2;
+    case GR_T_Q4_0: return sizeof(block_q4_0);
+    case GR_T_Q4_1: return sizeof(block_q4_1);
+    case GR_T_Q5_0: return sizeof(block_q5_0);
+    case GR_T_Q5_1: return sizeof(block_q5_1);
+    case GR_T_Q8_0: return sizeof(block_q8_0);
+    case GR_T_Q8_1: return sizeof(block_q8_1);
+    case GR_T_Q2_K: return sizeof(block_q2_K);
+    case GR_T_Q3_K: return sizeof(block_q3_K);
+    case GR_T_Q4_K: return sizeof(block_q4_K);
+    case GR_T_Q5_K: return sizeof(block_q5_K);
+    case GR_T_Q6_K: return sizeof(block_q6_K);
+    case GR_T_Q8_K: return sizeof(block_q8_K);
+    case GR_T_IQ4_NL: return sizeof(block_iq4_nl);
+    case GR_T_IQ4_XS: return sizeof(block_iq4_xs);
+    case GR_T_MXFP4: return sizeof(block_mxfp4);
+    default: return 0;
+    }
+}
+
+/* ggml's vec_dot_type pairing: the format activations are converted to for each weight type. */
+int gr_act_type(int qtype) {
+    switch (qtype) {
+    case GR_T_F32: return GR_T_F32;
+    case GR_T_F16: return GR_T_F16;
+    case GR_T_BF16: return GR_T_BF16;
+    case GR_T_Q4_0: case GR_T_Q5_0: case GR_T_Q8_0: case GR_T_IQ4_NL: case GR_T_MXFP4: return GR_T_Q8_0;
+    case GR_T_Q4_1: case GR_T_Q5_1: return GR_T_Q8_1;
+    case GR_T_Q2_K: case GR_T_Q3_K: case GR_T_Q4_K: case GR_T_Q5_K: case GR_T_Q6_K: case GR_T_IQ4_XS:
+        return GR_T_Q8_K;
+    default: return -1;
+    }
+}
+
+int gr_vec_dot_type(int qtype) {
+    int t = gr_act_type(qtype);
+    return t < 0 ? GR_E_QTYPE : t;
+}
+
+static int64_t row_bytes(int qtype, int64_t n) { return n / gr_block_size(qtype) * gr_type_size(qtype); }
+
+/* ---------------------------------------------------------------- dequantize */
+
+int gr_dequantize(int qtype, const void *src, float *dst, int64_t n) {
+    ensure_init();
+    if (qtype < 0 || qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].dequantize[qtype]) return GR_E_QTYPE;
+    int bs = gr_block_size(qtype);
+    if (n <= 0 || n % bs) return GR_E_SHAPE;
+    pthread_mutex_lock(&api_mutex);
+    tables[isa_current].dequantize[qtype](src, dst, n / bs);
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}
+
+/* ---------------------------------------------------------------- activations */
+
+int gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n) {
+    ensure_init();
+    if (act_qtype < 0 || act_qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].quantize_act[act_qtype]) return GR_E_QTYPE;
+    if (n <= 0 || n % gr_block_size(act_qtype)) return GR_E_SHAPE;
+    pthread_mutex_lock(&api_mutex);
+    tables[isa_current].quantize_act[act_qtype](x, dst, n);
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}
+
+/* Scratch for quantized activations, grown on demand and kept between calls (guarded by api_mutex). */
+static uint8_t *scratch;
+static size_t scratch_size;
+
+static uint8_t *scratch_reserve(size_t n) {
+    if (n <= scratch_size) return scratch;
+    size_t want = (n + 4095) & ~(size_t)4095;
+    uint8_t *p = aligned_alloc(64, want);
+    if (!p) return NULL;
+    free(scratch);
+    scratch = p;
+    scratch_size = want;
+    return scratch;
+}
+
+#define QUANT_CHUNK 4096  /* elements per quantization work unit; a multiple of every block size */
+
+typedef struct {
+    gr_quantize_act_fn quantize;
+    const float *x;
+    uint8_t *act;
+    int64_t cols, n_tok, act_row_bytes, chunks_per_row;
+    int act_block, act_type_size;
+} quantize_task;
+
+static void run_quantize(void *p, int ith, int nth) {
+    const quantize_task *q = p;
+    for (int64_t u = ith; u < q->n_tok * q->chunks_per_row; u += nth) {
+        int64_t t = u / q->chunks_per_row, c0 = (u % q->chunks_per_row) * QUANT_CHUNK;
+        int64_t len = q->cols - c0 < QUANT_CHUNK ? q->cols - c0 : QUANT_CHUNK;
+        q->quantize(q->x + t * q->cols + c0, q->act + t * q->act_row_bytes + c0 / q->act_block * q->act_type_size, len);
+    }
+}
+
+/* ---------------------------------------------------------------- matmul */
+
+typedef struct {
+    gr_vec_dot_fn dot;
+    const uint8_t *w;
+    const uint8_t *act;
+    float *y;
+    int64_t rows, cols, row_stride, n_tok, act_row_bytes;
+    int64_t chunk_rows, token_tile;
+    atomic_llong next_chunk;
+} matmul_task;
+
+/* Threads claim contiguous row chunks; within a chunk each weight row is read from memory once and
+ * reused from cache for a tile of tokens. Dynamic claiming keeps the split balanced when other
+ * processes steal a core. */
+static void run_matmul(void *p, int ith, int nth) {
+    matmul_task *m = p;
+    (void)ith; (void)nth;
+    for (;;) {
+        int64_t r0 = atomic_fetch_add(&m->next_chunk, 1) * m->chunk_rows;
+        if (r0 >= m->rows) return;
+        int64_t r1 = r0 + m->chunk_rows < m->rows ? r0 + m->chunk_rows : m->rows;
+        for (int64_t t0 = 0; t0 < m->n_tok; t0 += m->token_tile) {
+            int64_t t1 = t0 + m->token_tile < m->n_tok ? t0 + m->token_tile : m->n_tok;
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *wr = m->w + r * m->row_stride;
+                for (int64_t t = t0; t < t1; t++)
+                    m->y[t * m->rows + r] = m->dot(m->cols, wr, m->act + t * m->act_row_bytes);
+            }
+        }
+    }
+}
+
+int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
+              const float *x, int64_t n_tok, float *y) {
+    ensure_init();
+    if (qtype < 0 || qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].vec_dot[qtype]) return GR_E_QTYPE;
+    int bs = gr_block_size(qtype);
+    if (rows <= 0 || cols <= 0 || n_tok <= 0 || cols % bs || row_stride < row_bytes(qtype, cols)) return GR_E_SHAPE;
+
+    pthread_mutex_lock(&api_mutex);
+    const gr_kernels *k = &tables[isa_current];
+    int nth = gr_pool_threads();
+    int act_type = gr_act_type(qtype);
+    /* Below this much work a wake-up of the pool costs more than it saves. */
+    int parallel = (double)rows * (double)cols * (double)n_tok >= 65536.0 ? nth : 1;
+
+    const uint8_t *act;
+    int64_t act_row_bytes;
+    if (act_type == GR_T_F32) {
+        act = (const uint8_t *)x;
+        act_row_bytes = cols * 4;
+    } else {
+        act_row_bytes = row_bytes(act_type, cols);
+        uint8_t *buf = scratch_reserve((size_t)(act_row_bytes * n_tok));
+        if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_SHAPE; }
+        quantize_task q = {k->quantize_act[act_type], x, buf, cols, n_tok, act_row_bytes,
+                           (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, gr_block_size(act_type), gr_type_size(act_type)};
+        gr_pool_run(run_quantize, &q, n_tok * cols >= 4 * QUANT_CHUNK ? parallel : 1);
+        act = buf;
+    }
+
+    matmul_task m = {0};
+    m.dot = k->vec_dot[qtype];
+    m.w = w; m.act = act; m.y = y;
+    m.rows = rows; m.cols = cols; m.row_stride = row_stride; m.n_tok = n_tok; m.act_row_bytes = act_row_bytes;
+    /* ~8 chunks per thread for balance, at least 4 rows so chunk bookkeeping stays negligible. */
+    int64_t chunk = rows / ((int64_t)parallel * 8);
+    m.chunk_rows = chunk < 4 ? 4 : chunk;
+    /* tokens per tile: keep the tile's activations within ~256 KiB of cache */
+    int64_t tile = (256 * 1024) / act_row_bytes;
+    m.token_tile = tile < 1 ? 1 : tile;
+    atomic_init(&m.next_chunk, 0);
+    gr_pool_run(run_matmul, &m, parallel);
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}

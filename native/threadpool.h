@@ -1,0 +1,13 @@
+/* Persistent thread pool used by dispatch.c; see threadpool.c for the concurrency contract. */
+#ifndef GGUFRUN_THREADPOOL_H
+#define GGUFRUN_THREADPOOL_H
+
+/* Runs on every pool thread (ith = 0 is the caller) with the same ctx; partitions by ith/nth. */
+typedef void (*gr_task_fn)(void *ctx, int ith, int nth);
+
+int  gr_pool_set(int n);          /* n <= 0: physical cores; returns the thread count in effect */
+int  gr_pool_threads(void);
+void gr_pool_run(gr_task_fn fn, void *ctx, int max_threads);  /* max_threads == 1: caller only */
+int  gr_physical_cores(void);
+
+#endif

@@ -1,0 +1,405 @@
+"""Native kernel library: dequantization, activation quantization and matmul against references.
+
+- dequantize: bit-exact with gguf.quants.dequantize on random raw blocks (random bytes give huge,
+  subnormal, zero, inf and NaN fp16 scales). NaN positions must agree; every other element must have
+  identical bits (so -0.0 vs 0.0 counts as a difference).
+- activation quantization (Q8_0/Q8_1/Q8_K/F16/BF16): bit-exact with numpy re-implementations of
+  ggml's x86 CPU backend, written here from its semantics.
+- matmul: against a float64 reference built from the dequantized weights and the activations after a
+  quantize->dequantize round trip through the weight type's Q8 partner. The only differences left are
+  float32 rounding of per-block scale products and of the running sums, so the tolerance is
+  RTOL * sum(|w|*|x|), with the offset terms of Q4_1/Q5_1/Q2_K/Q4_K/Q5_K counted separately because
+  the kernels add them as a separate product that can be larger than the weight itself.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
+
+from ggufrun import native
+
+ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
+             T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4]
+ISAS = ["scalar", "avx2", "avx512", "neon"]
+AVAILABLE = native.available_isas()
+SIMD_ISAS = [i for i in ISAS if i != "scalar"]
+
+# Float32 rounding of block-scale products and of the running sums, relative to the magnitude of the
+# summed terms. Measured worst case over all types and paths at 4096 columns is about 1e-7 (a couple of
+# float32 ulps); 2e-6 leaves a 20x margin for other shapes and summation orders and is still far below
+# the >1e-3 error that a wrong block, scale, nibble or offset produces.
+RTOL = 2e-6
+
+# Byte offsets of the fp16 scale fields (set to sane values for matmul tests) and of the quant bytes
+# (zeroed to isolate the offset term of types with minimums), per block.
+SCALE_OFFSETS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q2_K: [80, 82],
+                 T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_NL: [0], T.IQ4_XS: [0]}
+QUANT_RANGES = {T.Q4_1: [(4, 20)], T.Q5_1: [(4, 24)], T.Q2_K: [(16, 80)], T.Q4_K: [(16, 144)],
+                T.Q5_K: [(16, 176)]}
+
+
+def skip_unless(isa):
+    if isa not in AVAILABLE:
+        pytest.skip(f"{isa} path not available on this CPU/build (have {AVAILABLE})")
+
+
+@pytest.fixture(autouse=True)
+def restore_isa_and_threads():
+    isa, threads = native.isa(), native.get_threads()
+    yield
+    native.force_isa(isa)
+    native.set_threads(threads)
+
+
+def raw_blocks(qtype, n_blocks, rng):
+    return rng.integers(0, 256, size=n_blocks * native.type_size(qtype), dtype=np.uint8)
+
+
+def sane_blocks(qtype, n_elems, rng):
+    """Random valid blocks whose scales are moderate, so matmul results are finite and meaningful."""
+    if qtype == T.F32:
+        return rng.standard_normal(n_elems).astype(np.float32).view(np.uint8)
+    if qtype == T.F16:
+        return rng.standard_normal(n_elems).astype(np.float16).view(np.uint8)
+    if qtype == T.BF16:
+        return gq.quantize(rng.standard_normal(n_elems).astype(np.float32), T.BF16).view(np.uint8).ravel()
+    ts = native.type_size(qtype)
+    nb = n_elems // native.block_size(qtype)
+    blocks = raw_blocks(qtype, nb, rng).reshape(nb, ts)
+    if qtype == T.MXFP4:
+        blocks[:, 0] = rng.integers(118, 128, size=nb)  # E8M0 exponents around 2^-6 .. 2^0
+    else:
+        for off in SCALE_OFFSETS[qtype]:
+            scales = (rng.uniform(0.2, 1.0, size=nb) * rng.choice([-1, 1], size=nb) / 64).astype(np.float16)
+            blocks[:, off:off + 2] = scales.view(np.uint8).reshape(nb, 2)
+    return blocks.ravel()
+
+
+def reference_dequantize(data, qtype):
+    with np.errstate(all="ignore"):
+        return np.asarray(gq.dequantize(data, qtype), dtype=np.float32).ravel()
+
+
+def assert_same_floats(got, want):
+    assert got.shape == want.shape
+    nan_got, nan_want = np.isnan(got), np.isnan(want)
+    assert np.array_equal(nan_got, nan_want), f"NaN positions differ at {np.flatnonzero(nan_got != nan_want)[:8]}"
+    g, w = got[~nan_got].view(np.uint32), want[~nan_want].view(np.uint32)
+    bad = np.flatnonzero(g != w)
+    assert bad.size == 0, f"{bad.size} elements differ, first at {bad[:4]}: {got[~nan_got][bad[:4]]} vs {want[~nan_want][bad[:4]]}"
+
+
+# ------------------------------------------------------------------------------------------ dequantize
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_dequantize_bit_exact_on_random_raw_blocks(qtype, isa):
+    skip_unless(isa)
+    native.force_isa(isa)
+    rng = np.random.default_rng(int(qtype) * 7 + ISAS.index(isa))
+    n_blocks = 4096 if native.block_size(qtype) == 1 else (96 if native.block_size(qtype) == 256 else 512)
+    data = raw_blocks(qtype, n_blocks, rng)
+    assert_same_floats(native.dequantize(data, qtype), reference_dequantize(data, qtype))
+
+
+def test_dequantize_accepts_bytes_memoryview_names_and_numbers():
+    rng = np.random.default_rng(1)
+    data = sane_blocks(T.Q4_K, 512, rng)
+    want = reference_dequantize(data, T.Q4_K)
+    for buf in (data, data.tobytes(), memoryview(data.tobytes()), bytearray(data.tobytes())):
+        for qt in (T.Q4_K, int(T.Q4_K), "Q4_K", "q4_k"):
+            assert_same_floats(native.dequantize(buf, qt), want)
+    two_d = data.reshape(2, -1)  # rows of a table, as embed lookups pass them
+    assert_same_floats(native.dequantize(two_d, T.Q4_K), want)
+
+
+def test_dequantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple"):
+        native.dequantize(np.zeros(143, np.uint8), T.Q4_K)
+    with pytest.raises(ValueError, match="multiple"):
+        native.dequantize(np.zeros(0, np.uint8), T.Q4_0)
+    with pytest.raises(ValueError, match="no native kernels"):
+        native.dequantize(np.zeros(66, np.uint8), T.IQ2_XXS)
+    with pytest.raises(ValueError, match="unknown"):
+        native.dequantize(np.zeros(18, np.uint8), "Q4_9")
+    with pytest.raises(TypeError, match="uint8"):
+        native.dequantize(np.zeros(8, np.float32), T.Q4_0)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.dequantize(np.zeros(72, np.uint8)[::2], T.Q4_0)
+    with pytest.raises(TypeError):
+        native.dequantize([1, 2, 3], T.Q4_0)
+
+
+# ---------------------------------------------------------------- activation formats (numpy references)
+
+def ref_q8_0(x):
+    """ggml x86 quantize_row_q8_0: d = amax/127 as fp16, codes round_even(x * (127/amax))."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(b * inv).astype(np.int8)
+    return d.astype(np.float16), d, q
+
+
+def ref_q8_0_bytes(x):
+    d16, _, q = ref_q8_0(x)
+    return np.concatenate([d16.view(np.uint8), q.view(np.uint8)], axis=1).ravel()
+
+
+def ref_q8_1_bytes(x):
+    d16, d, q = ref_q8_0(x)
+    s = (d * q.astype(np.int32).sum(axis=1, keepdims=True).astype(np.float32)).astype(np.float16)
+    return np.concatenate([d16.view(np.uint8), s.view(np.uint8), q.view(np.uint8)], axis=1).ravel()
+
+
+def ref_q8_k(x):
+    """ggml quantize_row_q8_K_ref: iscale = -127/max(signed value of largest |x|), codes
+    min(127, round_even(iscale*x)), d = 1/iscale as float32, bsums over 16."""
+    b = x.reshape(-1, 256).astype(np.float32)
+    idx = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(len(b)), idx][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        q = np.minimum(127, np.rint(iscale * b)).astype(np.int8)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    return d, q
+
+
+def ref_q8_k_bytes(x):
+    d, q = ref_q8_k(x)
+    bsums = q.reshape(-1, 16, 16).astype(np.int16).sum(axis=2, dtype=np.int16)
+    return np.concatenate([d.view(np.uint8), q.view(np.uint8), bsums.view(np.uint8)], axis=1).ravel()
+
+
+ACT_REFS = {
+    T.Q8_0: ref_q8_0_bytes,
+    T.Q8_1: ref_q8_1_bytes,
+    T.Q8_K: ref_q8_k_bytes,
+    T.F16: lambda x: x.astype(np.float16).view(np.uint8),
+    T.BF16: lambda x: gq.quantize(x, T.BF16).view(np.uint8).ravel(),
+}
+
+
+def activation_samples(rng, n):
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-8, 8, size=n))).astype(np.float32)
+    x[:256] = 0.0                                          # an all-zero block
+    x[256:512] = rng.integers(-3, 4, size=256) * 0.5       # exact halves: rounding ties
+    x[512:768] = rng.standard_normal(256).astype(np.float32) * 1e-30  # tiny values
+    return x
+
+
+@pytest.mark.parametrize("act", list(ACT_REFS), ids=lambda t: t.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantization_bit_exact(act, isa):
+    skip_unless(isa)
+    native.force_isa(isa)
+    x = activation_samples(np.random.default_rng(int(act)), 4096)
+    got, want = native.quantize_activations(x, act), ACT_REFS[act](x)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} bytes differ, first at {bad[:8]}"
+
+
+def test_vec_dot_types_follow_ggml():
+    expect = {T.F32: T.F32, T.F16: T.F16, T.BF16: T.BF16, T.Q4_0: T.Q8_0, T.Q5_0: T.Q8_0, T.Q8_0: T.Q8_0,
+              T.IQ4_NL: T.Q8_0, T.MXFP4: T.Q8_0, T.Q4_1: T.Q8_1, T.Q5_1: T.Q8_1}
+    for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS):
+        expect[t] = T.Q8_K
+    assert {t: native.vec_dot_type(t) for t in ALL_TYPES} == expect
+
+
+# ------------------------------------------------------------------------------------------- matmul
+
+def roundtrip_activations(x, act):
+    """x as the kernels see it after quantization, in float64; plus Q8_1's per-block s values."""
+    if act == T.F32:
+        return x.astype(np.float64), None
+    if act == T.F16:
+        return x.astype(np.float16).astype(np.float64), None
+    if act == T.BF16:
+        return gq.dequantize(gq.quantize(x, T.BF16), T.BF16).astype(np.float64).reshape(x.shape), None
+    if act in (T.Q8_0, T.Q8_1):
+        d16, d, q = ref_q8_0(x.ravel())
+        xq = (d16.astype(np.float64) * q).reshape(x.shape)
+        s = (d * q.astype(np.int32).sum(axis=1, keepdims=True).astype(np.float32)).astype(np.float16)
+        return xq, s.astype(np.float64).reshape(x.shape[0], -1)
+    d, q = ref_q8_k(x.ravel())
+    return (d.astype(np.float64) * q).reshape(x.shape), None
+
+
+def offset_terms(w_bytes, qtype, rows, cols):
+    """Per-element offset part of the dequantized weights (m of Q4_1/Q5_1, -dmin*m of K-quants), found
+    by dequantizing a copy with the quant bits zeroed. None for types without one."""
+    if qtype not in QUANT_RANGES:
+        return None
+    ts = native.type_size(qtype)
+    b = w_bytes.reshape(-1, ts).copy()
+    for lo, hi in QUANT_RANGES[qtype]:
+        b[:, lo:hi] = 0
+    return reference_dequantize(b.ravel(), qtype).astype(np.float64).reshape(rows, cols)
+
+
+def reference_matmul(w_bytes, qtype, rows, cols, x):
+    """float64 y and the magnitude of its summed terms (for the tolerance)."""
+    w = reference_dequantize(w_bytes, qtype).astype(np.float64).reshape(rows, cols)
+    act = native.vec_dot_type(qtype)
+    xq, s = roundtrip_activations(x, act)
+    off = offset_terms(w_bytes, qtype, rows, cols)
+    if act == T.Q8_1:
+        # the kernels add m * s per block with s = fp16(d * sum(q)) rather than m * sum(d16 * q)
+        m = off.reshape(rows, cols // 32, 32)[:, :, 0]
+        y = xq @ (w - off).T + s @ m.T
+    else:
+        y = xq @ w.T
+    mag = np.abs(xq) @ np.abs(w).T
+    if off is not None:
+        mag += 2 * (np.abs(xq) @ np.abs(off).T)
+    return y, mag
+
+
+def check_matmul(qtype, rows, cols, n_tok, rng, isa=None):
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    if isa:
+        native.force_isa(isa)
+    y = native.matmul(w, qtype, rows, cols, x)
+    ref, mag = reference_matmul(w, qtype, rows, cols, x)
+    err = np.abs(y - ref)
+    worst = np.unravel_index(np.argmax(err / (mag + 1e-30)), err.shape)
+    assert np.all(err <= RTOL * mag + 1e-30), (
+        f"{qtype.name} {rows}x{cols} n={n_tok}: y={y[worst]} ref={ref[worst]} mag={mag[worst]}")
+    return w, x, y
+
+
+def cols_for(qtype):
+    """A multiple of 256, and for 32-element blocks also one that is not."""
+    bs = native.block_size(qtype)
+    return [512, 352] if bs in (1, 32) else [512]
+
+
+MATMUL_CASES = [(t, c) for t in ALL_TYPES for c in cols_for(t)]
+
+
+@pytest.mark.parametrize("qtype,cols", MATMUL_CASES, ids=[f"{t.name}-{c}" for t, c in MATMUL_CASES])
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_matches_float64_reference(qtype, cols, isa):
+    skip_unless(isa)
+    rng = np.random.default_rng(int(qtype) * 1000 + cols)
+    for n_tok in (1, 3, 17):
+        check_matmul(qtype, 37, cols, n_tok, rng, isa=isa)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_simd_matmul_matches_scalar(qtype, isa):
+    """Same integer sums, different float summation order: equal to RTOL of the term magnitude."""
+    skip_unless(isa)
+    rng = np.random.default_rng(int(qtype) + 99)
+    rows, cols = 19, 1024
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    with native.force_isa("scalar"):
+        y_scalar = native.matmul(w, qtype, rows, cols, x)
+    with native.force_isa(isa):
+        y_simd = native.matmul(w, qtype, rows, cols, x)
+    _, mag = reference_matmul(w, qtype, rows, cols, x)
+    assert np.all(np.abs(y_simd - y_scalar) <= RTOL * mag)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q6_K, T.F16])
+def test_thread_count_does_not_change_results(qtype):
+    rng = np.random.default_rng(5)
+    rows, cols = 301, 1024
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((17, cols)).astype(np.float32)
+    results = []
+    for n in (1, 2, 3):
+        assert native.set_threads(n) == n
+        assert native.get_threads() == n
+        results.append(native.matmul(w, qtype, rows, cols, x))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+def test_matmul_vector_shapes_out_and_row_stride():
+    rng = np.random.default_rng(11)
+    rows, cols, qtype = 23, 256, T.Q4_K
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal(cols).astype(np.float32)
+    y1 = native.matmul(w, qtype, rows, cols, x)
+    assert y1.shape == (rows,)
+    y2 = native.matmul(w, qtype, rows, cols, x[None, :])
+    assert y2.shape == (1, rows) and np.array_equal(y1, y2[0])
+    out = np.full((1, rows), np.nan, np.float32)
+    assert native.matmul(w, qtype, rows, cols, x[None, :], out=out) is out and np.array_equal(out, y2)
+    # rows padded to a larger stride, padding filled with garbage the kernel must not read
+    rb = native.row_bytes(qtype, cols)
+    padded = np.full((rows, rb + 40), 0xff, np.uint8)
+    padded[:, :rb] = w.reshape(rows, rb)
+    y3 = native.matmul(padded, qtype, rows, cols, x, row_stride=rb + 40)
+    assert np.array_equal(y1, y3)
+    # the last row needs only rb bytes, not a full stride
+    y4 = native.matmul(padded.ravel()[:(rows - 1) * (rb + 40) + rb], qtype, rows, cols, x, row_stride=rb + 40)
+    assert np.array_equal(y1, y4)
+
+
+def test_matmul_rejects_bad_arguments():
+    rows, cols, qtype = 4, 256, T.Q8_0
+    w = np.zeros(rows * native.row_bytes(qtype, cols), np.uint8)
+    x = np.zeros((2, cols), np.float32)
+    with pytest.raises(ValueError, match="needs"):
+        native.matmul(w[:-1], qtype, rows, cols, x)
+    with pytest.raises(ValueError, match="multiple"):
+        native.matmul(w, qtype, rows, cols - 16, x[:, :-16])
+    with pytest.raises(ValueError, match="expected"):
+        native.matmul(w, qtype, rows, cols, np.zeros((2, cols + 32), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        native.matmul(w, qtype, rows, cols, x.astype(np.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.matmul(w, qtype, rows, cols, np.zeros((cols, 2), np.float32).T)
+    with pytest.raises(ValueError, match="row_stride"):
+        native.matmul(w, qtype, rows, cols, x, row_stride=10)
+    with pytest.raises(ValueError, match="out"):
+        native.matmul(w, qtype, rows, cols, x, out=np.zeros((2, rows + 1), np.float32))
+    with pytest.raises(TypeError, match="out"):
+        native.matmul(w, qtype, rows, cols, x, out=np.zeros((2, rows), np.float64))
+    with pytest.raises(ValueError, match="positive"):
+        native.matmul(w, qtype, 0, cols, x)
+    with pytest.raises(ValueError, match="no native kernels"):
+        native.matmul(w, T.Q8_K, rows, cols, x)
+    with pytest.raises(ValueError, match="1-D"):
+        native.matmul(w, qtype, rows, cols, np.zeros((1, 2, cols), np.float32))
+
+
+def test_isa_selection():
+    assert AVAILABLE[0] == "scalar"
+    assert native.isa() in AVAILABLE
+    with native.force_isa("scalar"):
+        assert native.isa() == "scalar"
+    assert native.isa() == AVAILABLE[-1]
+    missing = [i for i in ISAS if i not in AVAILABLE]
+    for name in missing:
+        with pytest.raises(ValueError, match="not available"):
+            native.force_isa(name)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        native.force_isa("sse9")
+
+
+# ------------------------------------------------------------------ NEON, cross-compiled, under qemu
+
+NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+def test_neon_matches_scalar_under_qemu():
+    build = subprocess.run(["make", "-s", "-C", str(NATIVE_DIR), "neon-check"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "neon selftest: ok" in build.stdout, build.stdout + build.stderr
