@@ -275,6 +275,7 @@ def _parse_shard(shard: _Shard, shard_no: int, tensors: dict[str, TensorInfo]) -
         raise GGUFError(f"{path}: key 'general.alignment' = {alignment!r}: expected a power of two")
 
     infos = []
+    seen: set[str] = set()
     for i in range(n_tensors):
         name = cur.string(f"tensor info #{i} name")
         n_dims = cur.u32(f"tensor {name!r} dimension count")
@@ -304,8 +305,9 @@ def _parse_shard(shard: _Shard, shard_no: int, tensors: dict[str, TensorInfo]) -
                             f" {qtype.name} block size {block}")
         if rel % alignment:
             raise GGUFError(f"{path}: tensor {name!r}: data offset {rel} is not aligned to {alignment}")
-        if name in tensors or any(t.name == name for t in infos):
+        if name in tensors or name in seen:
             raise GGUFError(f"{path}: duplicate tensor name {name!r}")
+        seen.add(name)
         infos.append(TensorInfo(name, qtype, tuple(ne), rel, n_el // block * tsize, shard_no))
 
     data_start = -(-cur.pos // alignment) * alignment
