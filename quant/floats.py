@@ -21,8 +21,9 @@ def _dequantize_f16(blocks: np.ndarray) -> np.ndarray:
 
 
 def _quantize_f16(x: np.ndarray) -> np.ndarray:
-    # numpy's float32->float16 cast is round-to-nearest-even, like ggml's.
-    return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    # numpy's float32->float16 cast is round-to-nearest-even (overflow -> inf), like ggml's.
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def _dequantize_bf16(blocks: np.ndarray) -> np.ndarray:

@@ -139,8 +139,9 @@ def write_gguf(path: str | os.PathLike, arch: str, metadata: Mapping[str, Any],
 
     metadata: key -> value; ints become UINT32 when they fit (else INT32,
       INT64, UINT64), floats FLOAT32, bools BOOL, str STRING, lists ARRAY
-      (nested allowed). ``(value, GGUFValueType.X)`` forces the type (the
-      element type, for a list). ``general.architecture`` comes from ``arch``.
+      (nested allowed; inner lists take gguf-py's element typing, int ->
+      INT32). ``(value, GGUFValueType.X)`` forces the type (the element type,
+      for a list). ``general.architecture`` comes from ``arch``.
     tensors: name -> ``(float array, qtype)``, quantized with
       :func:`quant.quantize`, or ``(uint8 bytes, qtype, shape)`` already
       encoded. Shapes are numpy order: (rows, cols) becomes GGUF ne=[cols, rows].
