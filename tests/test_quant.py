@@ -266,24 +266,16 @@ def _ggml_base() -> ctypes.CDLL:
     return lib
 
 
-class _TypeTraits(ctypes.Structure):
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                ("from_float_ref", ctypes.c_void_p)]
-
-
 def ggml_reference_quantize(lib: ctypes.CDLL, qtype: str, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
     t = T[qtype]
     out = np.zeros((rows, quant.row_bytes(t, n)), dtype=np.uint8)
     if qtype in ("Q8_1", "Q8_K"):
-        # activation formats: no ggml_quantize_chunk case, use the type's reference row quantizer
-        lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
-        traits = lib.ggml_get_type_traits(int(t)).contents
-        assert traits.type_size == quant.type_size(t)
-        fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.from_float_ref)
+        # activation formats have no ggml_quantize_chunk case; call the exported row reference
+        fn = getattr(lib, "quantize_row_q8_1_ref" if qtype == "Q8_1" else "quantize_row_q8_K_ref")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         fn(x.ctypes.data, out.ctypes.data, rows * n)
     else:
         written = lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
