@@ -237,3 +237,20 @@ def test_failure_while_writing_tensor_data(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         quant.write_gguf(path, "testarch", {}, _float_tensors(rng))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_llama_cpp_loads_split_files(tmp_path):
+    """llama.cpp's loader finds the shards by name and reassembles the model."""
+    pytest.importorskip("llama_cpp")
+    from test_quant import llama_quantize_file, tiny_llama_metadata, tiny_llama_tensors
+
+    weights = tiny_llama_tensors(np.random.default_rng(6))
+    shards = quant.write_gguf(tmp_path / "tiny.gguf", "llama", tiny_llama_metadata(),
+                              {k: (v, "F32") for k, v in weights.items()}, split_max_tensors=5)
+    assert len(shards) == 3
+    merged = tmp_path / "merged-q8.gguf"
+    llama_quantize_file(shards[0], merged, 7)  # Q8_0
+    r = GGUFReader(merged)
+    assert sorted(t.name for t in r.tensors) == sorted(weights)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+    assert np.array_equal(np.asarray(t.data).view(np.uint8), quant.quantize(weights[t.name], "Q8_0"))
