@@ -11,6 +11,7 @@ several threads are safe but run one after another, each using the whole thread 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import subprocess
@@ -27,7 +28,8 @@ _NATIVE_DIR = _REPO / "native"
 _LIB_PATH = _NATIVE_DIR / "build" / "libggufrun.so"
 
 _ISA_NAMES = ("scalar", "avx2", "avx512", "neon")
-_ERRORS = {-1: "quant type not supported", -2: "bad shape or size", -3: "ISA path not available"}
+_ERRORS = {-1: "quant type not supported", -2: "bad shape or size", -3: "ISA path not available",
+           -4: "out of memory for the activation scratch buffer"}
 
 # Types with native kernels; gguf's enum names them.
 SUPPORTED_TYPES = tuple(GGMLQuantizationType[n] for n in (
@@ -71,7 +73,11 @@ _lib = None
 def _build() -> None:
     cmd = ["make", "-C", str(_NATIVE_DIR)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # an advisory lock so two processes importing at once do not run make over each other
+        (_NATIVE_DIR / "build").mkdir(exist_ok=True)
+        with open(_NATIVE_DIR / "build" / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError as e:
         raise RuntimeError(f"cannot build the native library: `{' '.join(cmd)}` failed ({e})") from e
     if proc.returncode != 0:
@@ -124,14 +130,20 @@ def _supported(qtype) -> GGMLQuantizationType:
     return t
 
 
+def _with_geometry(qtype) -> GGMLQuantizationType:
+    """Weight types and the activation-only formats (Q8_1, Q8_K) both have a known block geometry."""
+    t = qtype_of(qtype)
+    return t if t in ACTIVATION_TYPES else _supported(t)
+
+
 def block_size(qtype) -> int:
     """Elements per block (1 for F32/F16/BF16)."""
-    return int(_load().gr_block_size(int(_supported(qtype))))
+    return int(_load().gr_block_size(int(_with_geometry(qtype))))
 
 
 def type_size(qtype) -> int:
     """Bytes per block."""
-    return int(_load().gr_type_size(int(_supported(qtype))))
+    return int(_load().gr_type_size(int(_with_geometry(qtype))))
 
 
 def row_bytes(qtype, n: int) -> int:

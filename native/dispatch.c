@@ -253,7 +253,7 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     } else {
         act_row_bytes = row_bytes(act_type, cols);
         uint8_t *buf = scratch_reserve((size_t)(act_row_bytes * n_tok));
-        if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_SHAPE; }
+        if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
         quantize_task q = {k->quantize_act[act_type], x, buf, cols, n_tok, act_row_bytes,
                            (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, gr_block_size(act_type), gr_type_size(act_type)};
         gr_pool_run(run_quantize, &q, n_tok * cols >= 4 * QUANT_CHUNK ? parallel : 1);

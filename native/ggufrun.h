@@ -17,6 +17,7 @@
 #define GR_E_QTYPE -1   /* quant type not supported by this entry point */
 #define GR_E_SHAPE -2   /* element count not a multiple of the block size, or non-positive size */
 #define GR_E_ISA   -3   /* requested ISA path not available on this CPU / build */
+#define GR_E_NOMEM -4   /* scratch allocation for the quantized activations failed */
 
 /* ISA paths, best last. gr_isa_available() is a bitmask of (1 << GR_ISA_x). */
 #define GR_ISA_SCALAR 0

@@ -392,6 +392,87 @@ def test_isa_selection():
         native.force_isa("sse9")
 
 
+# --------------------------------------------------- llama.cpp's own CPU kernels as the oracle
+
+def _ggml_cpu_library():
+    """llama.cpp's libggml-cpu from the installed llama_cpp package (or $GGUFRUN_GGML_CPU_LIB)."""
+    path = os.environ.get("GGUFRUN_GGML_CPU_LIB")
+    if not path:
+        try:
+            import llama_cpp
+        except ImportError:
+            pytest.skip("llama_cpp (the oracle) is not installed; scripts/build_oracle.sh installs it")
+        found = sorted(Path(llama_cpp.__file__).parent.rglob("libggml-cpu*.so*"))
+        if not found:
+            pytest.skip("llama_cpp has no libggml-cpu shared library")
+        path = str(found[0])
+    from cffi import FFI
+    ffi = FFI()
+    ffi.cdef("""
+        typedef void (*ggml_from_float_t)(const float *x, void *y, int64_t k);
+        typedef void (*ggml_vec_dot_t)(int n, float *s, size_t bs, const void *x, size_t bx,
+                                       const void *y, size_t by, int nrc);
+        struct ggml_type_traits_cpu { ggml_from_float_t from_float; ggml_vec_dot_t vec_dot;
+                                      int vec_dot_type; int64_t nrows; };
+        const struct ggml_type_traits_cpu *ggml_get_type_traits_cpu(int type);
+        void ggml_cpu_init(void);
+    """)
+    # RTLD_GLOBAL so libggml-cpu resolves libggml-base from its own directory's already-loaded copy
+    base = sorted(Path(path).parent.glob("libggml-base.so*"))
+    keep = [ffi.dlopen(str(base[0]), ffi.RTLD_GLOBAL)] if base else []
+    lib = ffi.dlopen(path)
+    lib.ggml_cpu_init()
+    return ffi, lib, keep
+
+
+@pytest.fixture(scope="module")
+def ggml_cpu():
+    return _ggml_cpu_library()
+
+
+@pytest.mark.parametrize("act", [T.Q8_0, T.Q8_1, T.Q8_K, T.F16, T.BF16], ids=lambda t: t.name)
+def test_activation_quantization_matches_llama_cpp(ggml_cpu, act):
+    ffi, lib, _ = ggml_cpu
+    rng = np.random.default_rng(int(act) + 7)
+    # no all-zero Q8_K block: ggml leaves its bsums unwritten there
+    x = (rng.standard_normal(4096) * np.exp(rng.uniform(-6, 6, size=4096))).astype(np.float32)
+    x[256:512] = rng.integers(-3, 4, size=256) * 0.5
+    ours = native.quantize_activations(x, act)
+    theirs = np.zeros_like(ours)
+    lib.ggml_get_type_traits_cpu(int(act)).from_float(ffi.from_buffer("float[]", x), ffi.from_buffer(theirs), x.size)
+    bad = np.flatnonzero(ours != theirs)
+    assert bad.size == 0, f"{bad.size} bytes differ from llama.cpp, first at {bad[:8]}"
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_matches_llama_cpp_vec_dot(ggml_cpu, qtype):
+    ffi, lib, _ = ggml_cpu
+    rng = np.random.default_rng(int(qtype) + 31)
+    rows, cols = 9, 1024
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    ours = native.matmul(w, qtype, rows, cols, x)
+    traits = lib.ggml_get_type_traits_cpu(int(qtype))
+    act_type = native.vec_dot_type(qtype)
+    assert traits.vec_dot_type == int(act_type)
+    rb = native.row_bytes(qtype, cols)
+    theirs = np.zeros_like(ours)
+    out = ffi.new("float *")
+    for t in range(x.shape[0]):
+        if act_type == T.F32:
+            act = x[t].copy()
+        else:
+            act = np.zeros(native.row_bytes(act_type, cols), np.uint8)
+            lib.ggml_get_type_traits_cpu(int(act_type)).from_float(ffi.from_buffer("float[]", x[t].copy()),
+                                                                   ffi.from_buffer(act), cols)
+        for r in range(rows):
+            traits.vec_dot(cols, out, 0, ffi.from_buffer(w[r * rb:(r + 1) * rb]), 0, ffi.from_buffer(act), 0, 1)
+            theirs[t, r] = out[0]
+    _, mag = reference_matmul(w, qtype, rows, cols, x)
+    err = np.abs(ours - theirs)
+    assert np.all(err <= RTOL * mag), f"worst relative difference {np.max(err / mag):.2e}"
+
+
 # ------------------------------------------------------------------ NEON, cross-compiled, under qemu
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
