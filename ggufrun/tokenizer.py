@@ -431,16 +431,16 @@ _DIGIT_RUN = regex.compile("[0-9\ue002]+")
 
 
 def _digits_by_three(cls: str, a: int, b: int, out: list) -> None:
-    prev = a
+    prev = a   # end of the last span handed out: text since then joins the next cut
     for m in _DIGIT_RUN.finditer(cls, a, b):
         s, e = m.span()
         cut = s + (e - s) % 3
-        if cut > s:
+        if cut == s:
+            cut += 3
+        while cut <= e:
             out.append((prev, cut))
             prev = cut
-        while prev < e:
-            out.append((prev, prev + 3))
-            prev += 3
+            cut += 3
     if prev < b:
         out.append((prev, b))
 
