@@ -136,8 +136,9 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Tr
         raise
     except SecurityError as e:
         raise ChatTemplateError(f"chat template tried an unsafe operation and was stopped: {e}") from None
-    except TemplateError as e:
-        raise ChatTemplateError(f"chat template failed: {e}") from e
+    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as e:
+        # a template bug (or a conversation it cannot handle) surfaces as one error type for callers
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
 
 def for_model(md: Mapping) -> str:
