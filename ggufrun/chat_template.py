@@ -20,7 +20,6 @@ from typing import Any, Mapping
 
 import jinja2
 import jinja2.ext
-import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Iterable, Iterator
 
 import regex
@@ -590,7 +589,7 @@ class Tokenizer:
         if scores is None:
             self._scores = [0.0] * n
         else:
-            if not isinstance(scores, Sequence) or isinstance(scores, (str, bytes)) or len(scores) < n:
+            if not _is_list_like(scores) or len(scores) < n:
                 raise ValueError(f"'tokenizer.ggml.scores' must be a list of at least {n} numbers")
             self._scores = [float(s) for s in scores[:n]]
 
@@ -598,7 +597,7 @@ class Tokenizer:
         if types is None:
             self._attrs = [TokenAttr.NORMAL] * n
         else:
-            if not isinstance(types, Sequence) or isinstance(types, (str, bytes)) or len(types) < n:
+            if not _is_list_like(types) or len(types) < n:
                 raise ValueError(f"'tokenizer.ggml.token_type' must be a list of at least {n} ints")
             try:
                 self._attrs = [_TOKEN_TYPE_TO_ATTR.get(int(t), TokenAttr.UNDEFINED) for t in types[:n]]
@@ -1166,10 +1165,14 @@ def _str_list(md: Mapping, key: str, required: bool) -> list[str]:
         if required:
             raise ValueError(f"GGUF metadata is missing '{key}'")
         return []
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
-            not all(isinstance(v, str) for v in value):
+    if not _is_list_like(value) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"'{key}' must be a list of strings")
     return list(value)
+
+
+def _is_list_like(value) -> bool:
+    # python lists from the project loader, or numpy arrays from other GGUF readers
+    return hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, (str, bytes, Mapping))
 
 
 def _flag(md: Mapping, key: str, default: bool) -> bool:
