@@ -1,0 +1,133 @@
+"""The `ggufrun` command: info, pull, run, chat."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .gguf_file import GGUFError
+from .hub import PullError
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("-m", "--model", required=required,
+                   help="GGUF path, registry name (see `ggufrun pull --list`) or hf://ORG/REPO/FILE.gguf;"
+                        " default: the default model")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temp: float) -> None:
+    p.add_argument("--temp", type=float, default=temp, help="temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repeat_penalty=a.repeat_penalty, presence_penalty=a.presence_penalty,
+                frequency_penalty=a.frequency_penalty, seed=a.seed)
+
+
+def cmd_info(a) -> int:
+    from .gguf_file import GGUFFile
+    from .hub import resolve
+    from .info import describe, format_info
+    with GGUFFile(resolve(a.model, pull_missing=False)) as f:
+        d = describe(f)
+    print(json.dumps(d, indent=2) if a.json else format_info(d))
+    return 0
+
+
+def cmd_pull(a) -> int:
+    from .hub import pull, registry
+    if a.list or not a.name:
+        reg = registry()
+        for name, e in reg["models"].items():
+            mark = " (default)" if name == reg["default"] else ""
+            print(f"{name:<16} {e['description']}{mark}")
+        return 0
+    path = pull(a.name, sha256=a.sha256)
+    print(path)
+    return 0
+
+
+def cmd_run(a) -> int:
+    from . import api
+    llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size)
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    add_special = True
+    if a.chat:
+        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+        add_special = False  # the template already placed BOS where the model wants it
+    ids = llm.tokenize(prompt, add_special=add_special)
+    if not a.chat:
+        sys.stdout.write(prompt)
+    for piece in llm.generate(ids, max_tokens=a.n_predict, stream=True, **sampling_kwargs(a)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = llm.last_stats
+    if a.verbose or sys.stderr.isatty():
+        print(f"[prompt {s.prompt_tokens} tokens {s.prompt_tps:.1f} t/s | generated {s.generated_tokens} tokens"
+              f" {s.generate_tps:.1f} t/s | stop: {s.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .chat import ChatSession
+    return ChatSession.from_args(a).repl()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ggufrun", description="Run quantized GGUF models on the CPU.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("info", help="what a GGUF file holds and what it costs per token")
+    p.add_argument("model", help="GGUF path or registry name (already pulled)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("pull", help="fetch a model into the model cache")
+    p.add_argument("name", nargs="?", help="registry name, hf://ORG/REPO/FILE.gguf or http(s) URL")
+    p.add_argument("--sha256", help="expected sha256 for URL downloads")
+    p.add_argument("--list", action="store_true", help="list the registry")
+    p.set_defaults(fn=cmd_pull)
+
+    p = sub.add_parser("run", help="complete a prompt")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", help="prompt text (default: read stdin)")
+    p.add_argument("-n", "--n-predict", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _add_sampling_args(p, temp=0.8)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat")
+    _add_model_args(p)
+    p.add_argument("-n", "--n-predict", type=int, default=1024, help="max tokens per reply")
+    p.add_argument("--system", help="system prompt")
+    _add_sampling_args(p, temp=0.8)
+    p.set_defaults(fn=cmd_chat)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (GGUFError, PullError, FileNotFoundError, ValueError) as e:
+        print(f"ggufrun: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
