@@ -29,7 +29,8 @@ _LIB_PATH = _NATIVE_DIR / "build" / "libggufrun.so"
 
 _ISA_NAMES = ("scalar", "avx2", "avx512", "neon")
 _ERRORS = {-1: "quant type not supported", -2: "bad shape or size", -3: "ISA path not available",
-           -4: "out of memory for the activation scratch buffer"}
+           -4: "out of memory for the activation scratch buffer", -5: "argument out of range"}
+ACT_PRECISIONS = (1, 2)
 
 # Types with native kernels; gguf's enum names them.
 SUPPORTED_TYPES = tuple(GGMLQuantizationType[n] for n in (
@@ -96,7 +97,13 @@ def _load():
             if _sources_newer_than_library():
                 _build()
             _ffi.cdef(_header_cdefs())
-            _lib = _ffi.dlopen(str(_LIB_PATH))
+            lib = _ffi.dlopen(str(_LIB_PATH))
+            env = os.environ.get("GGUFRUN_ACT_PRECISION", "").strip()
+            if env:
+                if env not in ("1", "2"):
+                    raise ValueError(f"GGUFRUN_ACT_PRECISION must be 1 or 2, got {env!r}")
+                lib.gr_set_act_precision(int(env))
+            _lib = lib
     return _lib
 
 
@@ -234,7 +241,9 @@ def matmul(w_bytes, qtype, rows: int, cols: int, x: np.ndarray, out: np.ndarray 
 
     x: float32 (n, cols) -> returns (n, rows); x of shape (cols,) -> returns (rows,).
     Activations are quantized the way ggml's CPU backend pairs them with qtype, and the dot products
-    are integer where ggml's are, so the result matches llama.cpp to float rounding.
+    are integer where ggml's are. At act precision 1 the result matches llama.cpp to float rounding; at
+    2 (the default) the activations carry a second, residual term and their error is ~100x smaller
+    (see set_act_precision).
     row_stride: bytes between weight rows (default: packed rows). out: optional float32 C-contiguous
     array of the result's shape, written in place and returned.
     """
@@ -277,6 +286,37 @@ def matmul(w_bytes, qtype, rows: int, cols: int, x: np.ndarray, out: np.ndarray 
     _check(lib.gr_matmul(int(t), wbuf, rows, cols, stride, _ffi.from_buffer("float[]", x), n_tok,
                          _ffi.from_buffer("float[]", out)), f"matmul {t.name}")
     return out
+
+
+def set_act_precision(p: int) -> None:
+    """How many terms carry matmul activations (process-wide):
+
+    1: one term, quantized exactly as llama.cpp's CPU backend does (Q8_0/Q8_1/Q8_K/F16/BF16), so results
+       match llama.cpp to float rounding, including its activation quantization error.
+    2: two terms (the default): the residual x - q1 of the first quantization is quantized again and
+       both are multiplied through the same integer kernels in one pass over the weights; the
+       activation error is ~100x smaller for twice the integer work.
+
+    The environment variable GGUFRUN_ACT_PRECISION=1|2 sets it when the library loads.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or int(p) not in ACT_PRECISIONS:
+        raise ValueError(f"act precision must be 1 or 2, got {p!r}")
+    _check(_load().gr_set_act_precision(int(p)), "set_act_precision")
+
+
+def get_act_precision() -> int:
+    return int(_load().gr_get_act_precision())
+
+
+@contextlib.contextmanager
+def act_precision(p: int) -> Iterator[int]:
+    """Temporarily run matmuls at act precision p (1 or 2); restores the previous setting on exit."""
+    previous = get_act_precision()
+    set_act_precision(p)
+    try:
+        yield p
+    finally:
+        set_act_precision(previous)
 
 
 def set_threads(n: int) -> int:

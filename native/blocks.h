@@ -164,10 +164,14 @@ typedef void  (*gr_dequantize_fn)(const void *src, float *dst, int64_t n_blocks)
 typedef float (*gr_vec_dot_fn)(int64_t n, const void *w, const void *act);
 /* Convert n floats into an activation format (n a multiple of its block size). */
 typedef void  (*gr_quantize_act_fn)(const float *x, void *dst, int64_t n);
+/* Two-term activations (act precision 2): dot(w, a1) + dot(w, a2) in one pass over the weight row,
+ * a1 the activation and a2 its quantized residual, both in the weight type's activation format. */
+typedef float (*gr_vec_dot2_fn)(int64_t n, const void *w, const void *a1, const void *a2);
 
 typedef struct {
     gr_dequantize_fn dequantize[GR_T_SLOTS];
     gr_vec_dot_fn vec_dot[GR_T_SLOTS];
+    gr_vec_dot2_fn vec_dot2[GR_T_SLOTS];          /* NULL: dispatch calls vec_dot twice */
     gr_quantize_act_fn quantize_act[GR_T_SLOTS];  /* indexed by activation type (F16, BF16, Q8_*) */
 } gr_kernels;
 
@@ -179,5 +183,14 @@ void gr_kernels_init_neon_dotprod(gr_kernels *k);
 
 /* Geometry shared by dispatch and the kernels: block size, bytes per block, activation type. */
 int gr_act_type(int qtype);
+
+/* Act precision 2 (kernels_scalar.c, shared by every ISA so the two terms are the same bytes on all
+ * paths). gr_act_residual: r = x - dequantized(q) for n floats quantized to act_type in q; a value
+ * whose first term is not finite (f16 overflow) gets a zero residual, so the pair is no worse than the
+ * single term. gr_q8_1_residual_sums: Q8_1's s carries its block's sum into the offset term m * s of
+ * Q4_1/Q5_1; the first term's s is rounded to fp16, so the second term's s is set to the rest of the
+ * exact sum of x, fp16(sum(x) - s1), instead of its own d2 * sum(q2). */
+void gr_act_residual(int act_type, const float *x, const void *q, float *r, int64_t n);
+void gr_q8_1_residual_sums(const float *x, const void *q1, void *q2, int64_t n);
 
 #endif

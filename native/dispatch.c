@@ -22,6 +22,7 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static gr_kernels tables[4];
 static int isa_mask;
 static int isa_current;
+static int act_precision = 2;  /* gr_set_act_precision; guarded by api_mutex */
 
 static void detect_isas(void) {
     gr_kernels_init_scalar(&tables[GR_ISA_SCALAR]);
@@ -66,6 +67,21 @@ int gr_isa_set(int isa) {
     isa_current = isa;
     pthread_mutex_unlock(&api_mutex);
     return GR_OK;
+}
+
+int gr_set_act_precision(int p) {
+    if (p != 1 && p != 2) return GR_E_ARG;
+    pthread_mutex_lock(&api_mutex);
+    act_precision = p;
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}
+
+int gr_get_act_precision(void) {
+    pthread_mutex_lock(&api_mutex);
+    int p = act_precision;
+    pthread_mutex_unlock(&api_mutex);
+    return p;
 }
 
 int gr_threads_set(int n) {
@@ -181,12 +197,14 @@ static uint8_t *scratch_reserve(size_t n) {
 
 #define QUANT_CHUNK 4096  /* elements per quantization work unit; a multiple of every block size */
 
+/* Activation rows: token t's term k (k < terms) at act + (t * terms + k) * act_row_bytes, so with two
+ * terms the residual row directly follows its token's first row. */
 typedef struct {
     gr_quantize_act_fn quantize;
     const float *x;
     uint8_t *act;
     int64_t cols, n_tok, act_row_bytes, chunks_per_row;
-    int act_block, act_type_size;
+    int act_type, act_block, act_type_size, terms;
 } quantize_task;
 
 static void run_quantize(void *p, int ith, int nth) {
@@ -194,7 +212,16 @@ static void run_quantize(void *p, int ith, int nth) {
     for (int64_t u = ith; u < q->n_tok * q->chunks_per_row; u += nth) {
         int64_t t = u / q->chunks_per_row, c0 = (u % q->chunks_per_row) * QUANT_CHUNK;
         int64_t len = q->cols - c0 < QUANT_CHUNK ? q->cols - c0 : QUANT_CHUNK;
-        q->quantize(q->x + t * q->cols + c0, q->act + t * q->act_row_bytes + c0 / q->act_block * q->act_type_size, len);
+        const float *x = q->x + t * q->cols + c0;
+        uint8_t *q1 = q->act + t * q->terms * q->act_row_bytes + c0 / q->act_block * q->act_type_size;
+        q->quantize(x, q1, len);
+        if (q->terms == 2) {
+            float r[QUANT_CHUNK];
+            uint8_t *q2 = q1 + q->act_row_bytes;
+            gr_act_residual(q->act_type, x, q1, r, len);
+            q->quantize(r, q2, len);
+            if (q->act_type == GR_T_Q8_1) gr_q8_1_residual_sums(x, q1, q2, len);
+        }
     }
 }
 
@@ -202,13 +229,22 @@ static void run_quantize(void *p, int ith, int nth) {
 
 typedef struct {
     gr_vec_dot_fn dot;
+    gr_vec_dot2_fn dot2;
     const uint8_t *w;
     const uint8_t *act;
     float *y;
     int64_t rows, cols, row_stride, n_tok, act_row_bytes;
     int64_t chunk_rows, token_tile;
+    int terms;
     atomic_llong next_chunk;
 } matmul_task;
+
+static inline float dot_terms(const matmul_task *m, const uint8_t *wr, int64_t t) {
+    const uint8_t *a = m->act + t * m->terms * m->act_row_bytes;
+    if (m->terms == 1) return m->dot(m->cols, wr, a);
+    if (m->dot2) return m->dot2(m->cols, wr, a, a + m->act_row_bytes);
+    return m->dot(m->cols, wr, a) + m->dot(m->cols, wr, a + m->act_row_bytes);
+}
 
 /* Threads claim contiguous row chunks; within a chunk each weight row is read from memory once and
  * reused from cache for a tile of tokens. Dynamic claiming keeps the split balanced when other
@@ -225,7 +261,7 @@ static void run_matmul(void *p, int ith, int nth) {
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *wr = m->w + r * m->row_stride;
                 for (int64_t t = t0; t < t1; t++)
-                    m->y[t * m->rows + r] = m->dot(m->cols, wr, m->act + t * m->act_row_bytes);
+                    m->y[t * m->rows + r] = dot_terms(m, wr, t);
             }
         }
     }
@@ -245,6 +281,8 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     /* Below this much work a wake-up of the pool costs more than it saves. */
     int parallel = (double)rows * (double)cols * (double)n_tok >= 65536.0 ? nth : 1;
 
+    /* F32 activations are used as they are; every other format carries act_precision terms. */
+    int terms = act_type == GR_T_F32 ? 1 : act_precision;
     const uint8_t *act;
     int64_t act_row_bytes;
     if (act_type == GR_T_F32) {
@@ -252,23 +290,26 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         act_row_bytes = cols * 4;
     } else {
         act_row_bytes = row_bytes(act_type, cols);
-        uint8_t *buf = scratch_reserve((size_t)(act_row_bytes * n_tok));
+        uint8_t *buf = scratch_reserve((size_t)(act_row_bytes * n_tok * terms));
         if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
         quantize_task q = {k->quantize_act[act_type], x, buf, cols, n_tok, act_row_bytes,
-                           (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, gr_block_size(act_type), gr_type_size(act_type)};
-        gr_pool_run(run_quantize, &q, n_tok * cols >= 4 * QUANT_CHUNK ? parallel : 1);
+                           (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, act_type, gr_block_size(act_type),
+                           gr_type_size(act_type), terms};
+        gr_pool_run(run_quantize, &q, n_tok * cols * terms >= 4 * QUANT_CHUNK ? parallel : 1);
         act = buf;
     }
 
     matmul_task m = {0};
     m.dot = k->vec_dot[qtype];
+    m.dot2 = k->vec_dot2[qtype];
+    m.terms = terms;
     m.w = w; m.act = act; m.y = y;
     m.rows = rows; m.cols = cols; m.row_stride = row_stride; m.n_tok = n_tok; m.act_row_bytes = act_row_bytes;
     /* ~8 chunks per thread for balance, at least 4 rows so chunk bookkeeping stays negligible. */
     int64_t chunk = rows / ((int64_t)parallel * 8);
     m.chunk_rows = chunk < 4 ? 4 : chunk;
     /* tokens per tile: keep the tile's activations within ~256 KiB of cache */
-    int64_t tile = (256 * 1024) / act_row_bytes;
+    int64_t tile = (256 * 1024) / (act_row_bytes * terms);
     m.token_tile = tile < 1 ? 1 : tile;
     atomic_init(&m.next_chunk, 0);
     gr_pool_run(run_matmul, &m, parallel);

@@ -18,6 +18,7 @@
 #define GR_E_SHAPE -2   /* element count not a multiple of the block size, or non-positive size */
 #define GR_E_ISA   -3   /* requested ISA path not available on this CPU / build */
 #define GR_E_NOMEM -4   /* scratch allocation for the quantized activations failed */
+#define GR_E_ARG   -5   /* an argument outside its documented range */
 
 /* ISA paths, best last. gr_isa_available() is a bitmask of (1 << GR_ISA_x). */
 #define GR_ISA_SCALAR 0
@@ -44,10 +45,21 @@ int  gr_dequantize(int qtype, const void *src, float *dst, int64_t n);
  * W: rows rows of cols elements of qtype, row r at w + r * row_stride bytes (row_stride >= cols / block *
  * type_size). x: n_tok rows of cols floats (contiguous). y: n_tok rows of rows floats (contiguous).
  * Activations are quantized the way ggml pairs them with the weight type (Q8_0, Q8_1, Q8_K, F16, BF16,
- * F32) and products use integer dot products, so results match llama.cpp's CPU backend to float
- * rounding. Work is split over the thread pool; the caller's thread participates. */
+ * F32) and products use integer dot products; how many terms carry the activations is set by
+ * gr_set_act_precision. Work is split over the thread pool; the caller's thread participates. */
 int  gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
                const float *x, int64_t n_tok, float *y);
+
+/* Activation precision of gr_matmul, process-wide (default 2).
+ * 1: one term, exactly llama.cpp's CPU backend: results match it to float rounding, and carry its
+ *    activation quantization error (about 1/254 of each block's largest value for the Q8 formats).
+ * 2: two terms: x is quantized (q1), the residual x - q1 is quantized again in the same format (q2), and
+ *    y = W.q1 + W.q2 through the same integer kernels in one pass over each weight row. The activation
+ *    error shrinks by the format's resolution again (~1/250 for Q8, ~1/2000 for F16, ~1/250 for BF16),
+ *    for twice the integer work. F32 activations are unaffected.
+ * Returns GR_E_ARG for any other value. */
+int  gr_set_act_precision(int p);
+int  gr_get_act_precision(void);
 
 /* The activation format gr_matmul pairs with qtype (ggml's vec_dot_type), or GR_E_QTYPE. */
 int  gr_vec_dot_type(int qtype);

@@ -7,6 +7,7 @@
  * products and the running float sum round.
  */
 #include <math.h>
+#include <stddef.h>
 #include "blocks.h"
 
 /* ---------------------------------------------------------------- dequantization (bit-exact) */
@@ -269,6 +270,63 @@ static void quantize_act_q8_k(const float *x, void *dst, int64_t n) {
             y[i].bsums[g] = (int16_t)s;
         }
         y[i].d = 1.f / iscale;
+    }
+}
+
+/* ---------------------------------------------------------------- two-term activations */
+
+static inline float finite_or_zero(float v) { return fabsf(v) <= 3.402823466e38f ? v : 0.f; }
+
+void gr_act_residual(int act_type, const float *x, const void *q, float *r, int64_t n) {
+    switch (act_type) {
+    case GR_T_F16: {
+        const gr_half *h = q;
+        for (int64_t i = 0; i < n; i++) {
+            float v = gr_half_to_float(h[i]);
+            r[i] = isfinite(v) ? finite_or_zero(x[i] - v) : 0.f;
+        }
+        break;
+    }
+    case GR_T_BF16: {
+        const uint16_t *b = q;
+        for (int64_t i = 0; i < n; i++) {
+            float v = gr_bf16_to_float(b[i]);
+            r[i] = isfinite(v) ? finite_or_zero(x[i] - v) : 0.f;
+        }
+        break;
+    }
+    case GR_T_Q8_0: case GR_T_Q8_1: {
+        /* block_q8_1 is block_q8_0 with s inserted after d; only d and qs are read here */
+        const uint8_t *b = q;
+        size_t bsize = act_type == GR_T_Q8_0 ? sizeof(block_q8_0) : sizeof(block_q8_1);
+        size_t qs_off = act_type == GR_T_Q8_0 ? offsetof(block_q8_0, qs) : offsetof(block_q8_1, qs);
+        for (int64_t i = 0; i < n / 32; i++, b += bsize) {
+            gr_half dh; memcpy(&dh, b, 2);
+            float d = gr_half_to_float(dh);
+            const int8_t *qs = (const int8_t *)(b + qs_off);
+            for (int j = 0; j < 32; j++) r[32 * i + j] = finite_or_zero(x[32 * i + j] - d * (float)qs[j]);
+        }
+        break;
+    }
+    case GR_T_Q8_K: {
+        const block_q8_K *b = q;
+        for (int64_t i = 0; i < n / 256; i++)
+            for (int j = 0; j < 256; j++) r[256 * i + j] = finite_or_zero(x[256 * i + j] - b[i].d * (float)b[i].qs[j]);
+        break;
+    }
+    default:
+        memset(r, 0, (size_t)n * sizeof *r);
+    }
+}
+
+void gr_q8_1_residual_sums(const float *x, const void *q1, void *q2, int64_t n) {
+    const block_q8_1 *a = q1;
+    block_q8_1 *b = q2;
+    for (int64_t i = 0; i < n / 32; i++) {
+        double sum = 0.0;
+        for (int j = 0; j < 32; j++) sum += x[32 * i + j];
+        float s1 = gr_half_to_float(a[i].s);
+        b[i].s = isfinite(s1) ? gr_float_to_half((float)(sum - (double)s1)) : 0;
     }
 }
 

@@ -10,12 +10,17 @@
   float32 rounding of per-block scale products and of the running sums, so the tolerance is
   RTOL * sum(|w|*|x|), with the offset terms of Q4_1/Q5_1/Q2_K/Q4_K/Q5_K counted separately because
   the kernels add them as a separate product that can be larger than the weight itself.
+  These run at act precision 1 (llama.cpp's numerics; the autouse fixture sets it).
+- act precision 2 (two-term activations): the same round-trip check with both terms rebuilt in numpy,
+  and the error against the exact float64 product of the dequantized weights with the unquantized
+  activations, which must be at least 100x below act precision 1's.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +56,14 @@ def skip_unless(isa):
 
 
 @pytest.fixture(autouse=True)
-def restore_isa_and_threads():
-    isa, threads = native.isa(), native.get_threads()
+def restore_isa_threads_and_precision():
+    """Every test starts at act precision 1 (llama.cpp's numerics); the two-term tests opt in to 2."""
+    isa, threads, precision = native.isa(), native.get_threads(), native.get_act_precision()
+    native.set_act_precision(1)
     yield
     native.force_isa(isa)
     native.set_threads(threads)
+    native.set_act_precision(precision)
 
 
 def raw_blocks(qtype, n_blocks, rng):
@@ -390,6 +398,180 @@ def test_isa_selection():
             native.force_isa(name)
     with pytest.raises(ValueError, match="unknown ISA"):
         native.force_isa("sse9")
+
+
+# ------------------------------------------------------------- act precision 2 (two-term activations)
+
+def residual_terms(x, act):
+    """The two activation terms gr_matmul builds at act precision 2, rebuilt in numpy: the float64
+    values of q1 and q2 (q2 = the same format's quantization of x - deq(q1), in float32 as the C code
+    computes it), and for Q8_1 the per-block s values of each (s2 = fp16(sum(x) - s1))."""
+    x = x.astype(np.float32)
+    if act == T.F32:  # never quantized: one exact term
+        return x.astype(np.float64), np.zeros(x.shape), None
+    if act == T.F16:
+        d1 = x.astype(np.float16).astype(np.float32)
+    elif act == T.BF16:
+        d1 = gq.dequantize(gq.quantize(x, T.BF16), T.BF16).astype(np.float32).reshape(x.shape)
+    elif act in (T.Q8_0, T.Q8_1):
+        d16, _, q = ref_q8_0(x.ravel())
+        d1 = (d16.astype(np.float32) * q.astype(np.float32)).reshape(x.shape)
+    else:
+        d, q = ref_q8_k(x.ravel())
+        d1 = (d * q.astype(np.float32)).reshape(x.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = np.where(np.isfinite(d1), x - d1, np.float32(0)).astype(np.float32)
+    xq1, s1 = roundtrip_activations(x, act)
+    xq2, _ = roundtrip_activations(r, act)
+    s = None
+    if act == T.Q8_1:
+        sums = x.astype(np.float64).reshape(x.shape[0], -1, 32).sum(axis=2)
+        s2 = (sums - s1).astype(np.float32).astype(np.float16).astype(np.float64)
+        s = s1 + s2
+    return xq1, xq2, s
+
+
+def reference_matmul_two_terms(w_bytes, qtype, rows, cols, x):
+    w = reference_dequantize(w_bytes, qtype).astype(np.float64).reshape(rows, cols)
+    act = native.vec_dot_type(qtype)
+    xq1, xq2, s = residual_terms(x, act)
+    off = offset_terms(w_bytes, qtype, rows, cols)
+    if act == T.Q8_1:
+        m = off.reshape(rows, cols // 32, 32)[:, :, 0]
+        y = (xq1 + xq2) @ (w - off).T + s @ m.T
+    else:
+        y = (xq1 + xq2) @ w.T
+    mag = (np.abs(xq1) + np.abs(xq2)) @ np.abs(w).T
+    if off is not None:
+        mag += 2 * (np.abs(xq1) + np.abs(xq2)) @ np.abs(off).T
+    return y, mag
+
+
+@pytest.mark.parametrize("qtype,cols", MATMUL_CASES, ids=[f"{t.name}-{c}" for t, c in MATMUL_CASES])
+@pytest.mark.parametrize("isa", ISAS)
+def test_two_term_matmul_matches_its_float64_reference(qtype, cols, isa):
+    """Act precision 2 computes exactly W.q1 + W.q2 with the residual term defined above."""
+    skip_unless(isa)
+    rng = np.random.default_rng(int(qtype) * 1000 + cols + 7)
+    native.force_isa(isa)
+    native.set_act_precision(2)
+    for n_tok in (1, 3, 17):
+        w = sane_blocks(qtype, 37 * cols, rng)
+        x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+        x[:, :3] *= 40  # a few outlier channels, as real activations have
+        y = native.matmul(w, qtype, 37, cols, x)
+        ref, mag = reference_matmul_two_terms(w, qtype, 37, cols, x)
+        err = np.abs(y - ref)
+        assert np.all(err <= RTOL * mag + 1e-30), f"worst {np.max(err / mag):.2e} (n_tok {n_tok})"
+
+
+def error_against_exact(w, qtype, rows, cols, x):
+    """max over outputs of |y - exact| / sum|w||x|, exact = float64 dequantized W times unquantized x."""
+    wd = reference_dequantize(w, qtype).astype(np.float64).reshape(rows, cols)
+    exact = x.astype(np.float64) @ wd.T
+    mag = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+    return float(np.max(np.abs(native.matmul(w, qtype, rows, cols, x) - exact) / mag))
+
+
+# Measured worst output (31 rows x 8 tokens, 1024 columns), as a fraction of sum|w||x|:
+#   Gaussian activations: precision 1 3.3e-5 (F16), 2.2e-4 (BF16), 7e-4..1.8e-3 (Q8 formats);
+#                         precision 2 2.6e-8 (F16), 3.0e-7 (BF16), 2.7e-6..5.4e-6 (Q8 formats).
+#   6 outlier channels x30: precision 1 7.2e-5 (F16) .. 1.2e-2 (K-quants, whose 256-element Q8_K blocks
+#                         share one scale with the outlier); precision 2 9.4e-8 .. 7.1e-5.
+# The ratio is 148..1285 per type (Q8 formats ~250); the bounds below leave 2.8x margin.
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("outliers", [False, True], ids=["gauss", "outliers"])
+def test_two_terms_are_100x_closer_to_the_exact_product(qtype, outliers):
+    rng = np.random.default_rng(int(qtype) + 500 * outliers)
+    rows, cols = 31, 1024
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((8, cols)).astype(np.float32)
+    if outliers:
+        x[:, rng.choice(cols, 6, replace=False)] *= 30
+    with native.act_precision(1):
+        err1 = error_against_exact(w, qtype, rows, cols, x)
+    with native.act_precision(2):
+        err2 = error_against_exact(w, qtype, rows, cols, x)
+    if qtype == T.F32:  # F32 activations are never quantized: both are float32 rounding only
+        assert err1 == err2 and err2 < RTOL
+        return
+    assert err1 > 1e-5, f"precision 1 suspiciously exact ({err1:.2e}): are activations quantized?"
+    assert err2 * 100 <= err1, f"precision 2 error {err2:.2e} is not 100x below precision 1's {err1:.2e}"
+    assert err2 < (2e-4 if outliers else 1.5e-5)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_two_term_simd_matmul_matches_scalar(qtype, isa):
+    skip_unless(isa)
+    rng = np.random.default_rng(int(qtype) + 199)
+    rows, cols = 19, 1024
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    native.set_act_precision(2)
+    with native.force_isa("scalar"):
+        y_scalar = native.matmul(w, qtype, rows, cols, x)
+    with native.force_isa(isa):
+        y_simd = native.matmul(w, qtype, rows, cols, x)
+    _, mag = reference_matmul_two_terms(w, qtype, rows, cols, x)
+    assert np.all(np.abs(y_simd - y_scalar) <= RTOL * mag)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K, T.BF16])
+def test_two_term_results_do_not_depend_on_thread_count(qtype):
+    rng = np.random.default_rng(6)
+    rows, cols = 301, 1024
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((17, cols)).astype(np.float32)
+    native.set_act_precision(2)
+    results = []
+    for n in (1, 2):
+        native.set_threads(n)
+        results.append(native.matmul(w, qtype, rows, cols, x))
+    assert np.array_equal(results[0], results[1])
+
+
+def test_act_precision_setting():
+    assert native.get_act_precision() == 1  # set by the autouse fixture
+    native.set_act_precision(2)
+    assert native.get_act_precision() == 2
+    with native.act_precision(1) as p:
+        assert p == 1 and native.get_act_precision() == 1
+    assert native.get_act_precision() == 2
+    with pytest.raises(RuntimeError):
+        with native.act_precision(1):
+            raise RuntimeError("restored even on error")
+    assert native.get_act_precision() == 2
+    for bad in (0, 3, -1, True, 1.0, "2", None):
+        with pytest.raises(ValueError, match="1 or 2"):
+            native.set_act_precision(bad)
+    assert native.get_act_precision() == 2
+    assert native._load().gr_set_act_precision(3) == native._load().GR_E_ARG
+    # precision changes results only where activations are quantized
+    rng = np.random.default_rng(3)
+    w, x = sane_blocks(T.Q4_K, 8 * 256, rng), rng.standard_normal((2, 256)).astype(np.float32)
+    y2 = native.matmul(w, T.Q4_K, 8, 256, x)
+    with native.act_precision(1):
+        assert not np.array_equal(native.matmul(w, T.Q4_K, 8, 256, x), y2)
+    wf = sane_blocks(T.F32, 8 * 256, rng)
+    with native.act_precision(1):
+        yf1 = native.matmul(wf, T.F32, 8, 256, x)
+    assert np.array_equal(native.matmul(wf, T.F32, 8, 256, x), yf1)
+
+
+def test_act_precision_default_and_environment_variable():
+    code = "from ggufrun import native; print(native.get_act_precision())"
+    repo = str(Path(__file__).resolve().parent.parent)
+    def run(value):
+        env = {k: v for k, v in os.environ.items() if k != "GGUFRUN_ACT_PRECISION"}
+        if value is not None:
+            env["GGUFRUN_ACT_PRECISION"] = value
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
+    assert run(None).stdout.strip() == "2"
+    assert run("1").stdout.strip() == "1"
+    assert run(" 2 ").stdout.strip() == "2"
+    bad = run("3")
+    assert bad.returncode != 0 and "GGUFRUN_ACT_PRECISION must be 1 or 2" in bad.stderr
 
 
 # --------------------------------------------------- llama.cpp's own CPU kernels as the oracle
