@@ -188,9 +188,11 @@ int gr_act_type(int qtype);
  * paths). gr_act_residual: r = x - dequantized(q) for n floats quantized to act_type in q; a value
  * whose first term is not finite (f16 overflow) gets a zero residual, so the pair is no worse than the
  * single term. gr_q8_1_residual_sums: Q8_1's s carries its block's sum into the offset term m * s of
- * Q4_1/Q5_1; the first term's s is rounded to fp16, so the second term's s is set to the rest of the
- * exact sum of x, fp16(sum(x) - s1), instead of its own d2 * sum(q2). */
+ * Q4_1/Q5_1, and the first term's s is rounded to fp16 (an error of 2^-12 of the block sum, larger than
+ * everything else the second term leaves). So the second term's s is set to make s1 + s2 the exact sum
+ * of both terms' dequantized values, fp16(d1*sum(q1) + d2*sum(q2) - s1), rather than fp16(d2*sum(q2)):
+ * the offset then sees the same activations as the codes, and the error left is sum(w * (x - deq)). */
 void gr_act_residual(int act_type, const float *x, const void *q, float *r, int64_t n);
-void gr_q8_1_residual_sums(const float *x, const void *q1, void *q2, int64_t n);
+void gr_q8_1_residual_sums(const void *q1, void *q2, int64_t n);
 
 #endif

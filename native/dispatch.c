@@ -220,7 +220,7 @@ static void run_quantize(void *p, int ith, int nth) {
             uint8_t *q2 = q1 + q->act_row_bytes;
             gr_act_residual(q->act_type, x, q1, r, len);
             q->quantize(r, q2, len);
-            if (q->act_type == GR_T_Q8_1) gr_q8_1_residual_sums(x, q1, q2, len);
+            if (q->act_type == GR_T_Q8_1) gr_q8_1_residual_sums(q1, q2, len);
         }
     }
 }

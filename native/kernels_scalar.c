@@ -319,14 +319,16 @@ void gr_act_residual(int act_type, const float *x, const void *q, float *r, int6
     }
 }
 
-void gr_q8_1_residual_sums(const float *x, const void *q1, void *q2, int64_t n) {
+void gr_q8_1_residual_sums(const void *q1, void *q2, int64_t n) {
     const block_q8_1 *a = q1;
     block_q8_1 *b = q2;
     for (int64_t i = 0; i < n / 32; i++) {
-        double sum = 0.0;
-        for (int j = 0; j < 32; j++) sum += x[32 * i + j];
+        /* d * q is exact in double, and so are these sums of 32 of them */
+        int sum1 = 0, sum2 = 0;
+        for (int j = 0; j < 32; j++) { sum1 += a[i].qs[j]; sum2 += b[i].qs[j]; }
+        double total = (double)gr_half_to_float(a[i].d) * sum1 + (double)gr_half_to_float(b[i].d) * sum2;
         float s1 = gr_half_to_float(a[i].s);
-        b[i].s = isfinite(s1) ? gr_float_to_half((float)(sum - (double)s1)) : 0;
+        b[i].s = isfinite(s1) ? gr_float_to_half((float)(total - (double)s1)) : 0;
     }
 }
 
