@@ -168,11 +168,36 @@ typedef void  (*gr_quantize_act_fn)(const float *x, void *dst, int64_t n);
  * a1 the activation and a2 its quantized residual, both in the weight type's activation format. */
 typedef float (*gr_vec_dot2_fn)(int64_t n, const void *w, const void *a1, const void *a2);
 
+/* Prefill (several activation rows) runs register-tiled micro-kernels where an ISA has them for a type.
+ * A thread packs a group of up to tile_rows weight rows into a panel (codes unpacked to bytes, scales
+ * to floats or int16 vectors; the layout is private to the type's kernels), then multiplies the panel
+ * against tiles of up to tile_acts activation rows, so each weight block is unpacked once per group
+ * and each loaded activation block feeds tile_rows rows. An activation row is one term of one token:
+ * with two terms, token t's rows are 2t and 2t+1 and the driver adds them. */
+typedef struct {
+    const uint8_t *act;         /* n_act activation rows of act_row_bytes, in the weight type's format */
+    int64_t act_row_bytes;
+    /* 32-element formats (Q8_0/Q8_1) only, so kernels load a tile's scales as one vector: block k of
+     * act row a has scale d[k * ld + a] and block sum s[k * ld + a] (Q8_0: d * sum(q), Q8_1: its s);
+     * ld >= n_act + 8 so an 8-float load from any row stays inside. */
+    const float *d, *s;
+    int64_t ld;
+} gr_act_panel;
+
+typedef struct {
+    int tile_rows, tile_acts;   /* the full tile; tile_acts is even (both terms of a token in one tile) */
+    size_t (*panel_bytes)(int64_t cols);
+    void (*pack)(const uint8_t *w, int64_t row_stride, int nrows, int64_t cols, void *panel);
+    /* c[i * nacts + j] = dot(panel row i, act row a0 + j) for i < nrows <= tile_rows, j < nacts <= tile_acts */
+    void (*tile)(int nrows, int nacts, int64_t cols, const void *panel, const gr_act_panel *a, int64_t a0, float *c);
+} gr_gemm_ops;
+
 typedef struct {
     gr_dequantize_fn dequantize[GR_T_SLOTS];
     gr_vec_dot_fn vec_dot[GR_T_SLOTS];
     gr_vec_dot2_fn vec_dot2[GR_T_SLOTS];          /* NULL: dispatch calls vec_dot twice */
     gr_quantize_act_fn quantize_act[GR_T_SLOTS];  /* indexed by activation type (F16, BF16, Q8_*) */
+    gr_gemm_ops gemm[GR_T_SLOTS];                 /* tile == NULL: prefill uses vec_dot per (row, token) */
 } gr_kernels;
 
 void gr_kernels_init_scalar(gr_kernels *k);
@@ -194,5 +219,9 @@ int gr_act_type(int qtype);
  * the offset then sees the same activations as the codes, and the error left is sum(w * (x - deq)). */
 void gr_act_residual(int act_type, const float *x, const void *q, float *r, int64_t n);
 void gr_q8_1_residual_sums(const void *q1, void *q2, int64_t n);
+/* Fill gr_act_panel's d and s for blocks [k0, k1) of activation rows [a0, a1) of a Q8_0 or Q8_1
+ * activation buffer. */
+void gr_act_panel_scales(int act_type, const uint8_t *act, int64_t act_row_bytes, int64_t k0, int64_t k1,
+                         int64_t a0, int64_t a1, float *d, float *s, int64_t ld);
 
 #endif

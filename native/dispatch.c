@@ -205,6 +205,8 @@ typedef struct {
     uint8_t *act;
     int64_t cols, n_tok, act_row_bytes, chunks_per_row;
     int act_type, act_block, act_type_size, terms;
+    float *panel_d, *panel_s;  /* when the tiled path runs on a Q8_0/Q8_1 format: gr_act_panel's arrays */
+    int64_t panel_ld;
 } quantize_task;
 
 static void run_quantize(void *p, int ith, int nth) {
@@ -222,6 +224,9 @@ static void run_quantize(void *p, int ith, int nth) {
             q->quantize(r, q2, len);
             if (q->act_type == GR_T_Q8_1) gr_q8_1_residual_sums(q1, q2, len);
         }
+        if (q->panel_d)
+            gr_act_panel_scales(q->act_type, q->act, q->act_row_bytes, c0 / 32, (c0 + len) / 32, t * q->terms,
+                                (t + 1) * q->terms, q->panel_d, q->panel_s, q->panel_ld);
     }
 }
 
@@ -267,6 +272,63 @@ static void run_matmul(void *p, int ith, int nth) {
     }
 }
 
+/* ---------------------------------------------------------------- tiled matmul (prefill) */
+
+/* The tiled path needs this many activation rows (tokens x terms) to beat a vec_dot per (row, token):
+ * below it, packing a panel costs more than the tiles save. */
+#define GEMM_MIN_ACTS 4
+/* Activation rows of one work unit: as many as fit this budget (they are reread for every panel). */
+#define GEMM_ACT_BUDGET (192 * 1024)
+
+typedef struct {
+    const gr_gemm_ops *ops;
+    const uint8_t *w;
+    gr_act_panel ap;
+    float *y;
+    uint8_t *panels;
+    size_t panel_stride;
+    int64_t rows, cols, row_stride, n_act;
+    int64_t unit_rows, unit_acts, row_units, n_units;
+    int terms;
+    atomic_llong next_unit;
+} gemm_task;
+
+/* Work units are (row range, activation range) pairs claimed dynamically, activation-range major so
+ * the threads share one range of activations in cache while they sweep the rows. Within a unit each
+ * group of tile_rows rows is packed once and multiplied against every tile of the unit's activations. */
+static void run_gemm(void *p, int ith, int nth) {
+    gemm_task *g = p;
+    (void)nth;
+    void *panel = g->panels + (size_t)ith * g->panel_stride;
+    const int R = g->ops->tile_rows, T = g->ops->tile_acts;
+    float c[64];
+    for (;;) {
+        int64_t u = atomic_fetch_add(&g->next_unit, 1);
+        if (u >= g->n_units) return;
+        int64_t r0 = (u % g->row_units) * g->unit_rows, a0 = (u / g->row_units) * g->unit_acts;
+        int64_t r1 = r0 + g->unit_rows < g->rows ? r0 + g->unit_rows : g->rows;
+        int64_t a1 = a0 + g->unit_acts < g->n_act ? a0 + g->unit_acts : g->n_act;
+        for (int64_t r = r0; r < r1; r += R) {
+            int nr = r1 - r < R ? (int)(r1 - r) : R;
+            g->ops->pack(g->w + r * g->row_stride, g->row_stride, nr, g->cols, panel);
+            for (int64_t a = a0; a < a1; a += T) {
+                int na = a1 - a < T ? (int)(a1 - a) : T;
+                g->ops->tile(nr, na, g->cols, panel, &g->ap, a, c);
+                for (int i = 0; i < nr; i++) {
+                    if (g->terms == 1) {
+                        for (int j = 0; j < na; j++) g->y[(a + j) * g->rows + r + i] = c[i * na + j];
+                    } else {  /* a and na are even: both terms of each token are in this tile */
+                        for (int j = 0; j < na; j += 2)
+                            g->y[(a + j) / 2 * g->rows + r + i] = c[i * na + j] + c[i * na + j + 1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
 int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
               const float *x, int64_t n_tok, float *y) {
     ensure_init();
@@ -283,20 +345,65 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
 
     /* F32 activations are used as they are; every other format carries act_precision terms. */
     int terms = act_type == GR_T_F32 ? 1 : act_precision;
+    int64_t n_act = n_tok * terms;
+    const gr_gemm_ops *ops = &k->gemm[qtype];
+    int tiled = ops->tile && n_act >= GEMM_MIN_ACTS;
     const uint8_t *act;
-    int64_t act_row_bytes;
+    int64_t act_row_bytes = cols * 4;
+    size_t act_bytes = 0, panel_arrays = 0, panel_stride = 0;
+    int64_t panel_ld = 0;
+    if (act_type != GR_T_F32) {
+        act_row_bytes = row_bytes(act_type, cols);
+        act_bytes = align64((size_t)(act_row_bytes * n_act));
+    }
+    if (tiled) {
+        if (act_type == GR_T_Q8_0 || act_type == GR_T_Q8_1) {
+            panel_ld = (n_act + 8 + 15) & ~(int64_t)15;
+            panel_arrays = align64((size_t)(cols / 32) * (size_t)panel_ld * sizeof(float));
+        }
+        panel_stride = align64(ops->panel_bytes(cols));
+    }
+    uint8_t *buf = scratch_reserve(64 + act_bytes + 2 * panel_arrays + (size_t)nth * panel_stride);
+    if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
+    float *panel_d = panel_arrays ? (float *)(buf + act_bytes) : NULL;
+    float *panel_s = panel_arrays ? (float *)(buf + act_bytes + panel_arrays) : NULL;
     if (act_type == GR_T_F32) {
         act = (const uint8_t *)x;
         act_row_bytes = cols * 4;
     } else {
-        act_row_bytes = row_bytes(act_type, cols);
-        uint8_t *buf = scratch_reserve((size_t)(act_row_bytes * n_tok * terms));
-        if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
         quantize_task q = {k->quantize_act[act_type], x, buf, cols, n_tok, act_row_bytes,
                            (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, act_type, gr_block_size(act_type),
-                           gr_type_size(act_type), terms};
+                           gr_type_size(act_type), terms, panel_d, panel_s, panel_ld};
         gr_pool_run(run_quantize, &q, n_tok * cols * terms >= 4 * QUANT_CHUNK ? parallel : 1);
         act = buf;
+    }
+
+    if (tiled) {
+        gemm_task g = {0};
+        g.ops = ops;
+        g.w = w;
+        g.ap.act = act; g.ap.act_row_bytes = act_row_bytes;
+        g.ap.d = panel_d; g.ap.s = panel_s; g.ap.ld = panel_ld;
+        g.y = y;
+        g.panels = buf + act_bytes + 2 * panel_arrays;
+        g.panel_stride = panel_stride;
+        g.rows = rows; g.cols = cols; g.row_stride = row_stride; g.n_act = n_act; g.terms = terms;
+        int64_t R = ops->tile_rows, T = ops->tile_acts;
+        int64_t ua = GEMM_ACT_BUDGET / act_row_bytes / T * T;
+        if (ua < T) ua = T;
+        if (ua > n_act) ua = (n_act + T - 1) / T * T;
+        int64_t act_units = (n_act + ua - 1) / ua;
+        /* ~8 units per thread for balance when the rows allow it */
+        int64_t want_row_units = ((int64_t)parallel * 8 + act_units - 1) / act_units;
+        int64_t ur = (rows + want_row_units - 1) / want_row_units;
+        ur = (ur + R - 1) / R * R;
+        g.unit_rows = ur; g.unit_acts = ua;
+        g.row_units = (rows + ur - 1) / ur;
+        g.n_units = g.row_units * act_units;
+        atomic_init(&g.next_unit, 0);
+        gr_pool_run(run_gemm, &g, parallel);
+        pthread_mutex_unlock(&api_mutex);
+        return GR_OK;
     }
 
     matmul_task m = {0};

@@ -400,6 +400,60 @@ def test_isa_selection():
         native.force_isa("sse9")
 
 
+# ----------------------------------------------------------------- tiled prefill (n_tok > 1) path
+
+TILED_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+TILED_CASES = [(t, c) for t in TILED_TYPES for c in ([352, 1024] if native.block_size(t) == 32 else [256, 1280])]
+
+
+@pytest.mark.parametrize("qtype,cols", TILED_CASES, ids=[f"{t.name}-{c}" for t, c in TILED_CASES])
+@pytest.mark.parametrize("precision", [1, 2])
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_tiled_matmul_matches_the_per_token_path(qtype, cols, precision, isa):
+    """Several tokens go through the register-tiled kernels (8-row panels x activation-row tiles); one
+    token at a time goes through vec_dot. Rows and tokens that fill no whole tile, padded row strides
+    and both precisions must agree to float rounding, and a token's result must not depend on which
+    other tokens share its batch (bit for bit: each output comes from one tile lane)."""
+    skip_unless(isa)
+    native.force_isa(isa)
+    native.set_act_precision(precision)
+    rng = np.random.default_rng(int(qtype) * 100 + cols + precision)
+    rows = 45  # 5 full panels and one of 5 rows
+    rb = native.row_bytes(qtype, cols)
+    w = sane_blocks(qtype, rows * cols, rng)
+    padded = np.full((rows, rb + 18), 0xff, np.uint8)  # an odd stride, filled with garbage
+    padded[:, :rb] = w.reshape(rows, rb)
+    x = rng.standard_normal((19, cols)).astype(np.float32)
+    x[:, :2] *= 25
+    y = native.matmul(padded, qtype, rows, cols, x, row_stride=rb + 18)
+    per_token = np.stack([native.matmul(w, qtype, rows, cols, x[t]) for t in range(len(x))])
+    ref, mag = (reference_matmul_two_terms if precision == 2 else reference_matmul)(w, qtype, rows, cols, x)
+    assert np.all(np.abs(y - per_token) <= RTOL * mag), f"worst {np.max(np.abs(y - per_token) / mag):.2e}"
+    assert np.all(np.abs(y - ref) <= RTOL * mag), f"worst vs reference {np.max(np.abs(y - ref) / mag):.2e}"
+    for n in (4, 5, 11):
+        assert np.array_equal(native.matmul(w, qtype, rows, cols, x[:n]), y[:n]), f"first {n} tokens differ"
+    assert np.array_equal(native.matmul(w, qtype, rows, cols, x[7:]), y[7:])
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_K])
+def test_tiled_matmul_large_batches_and_thread_counts(qtype):
+    """Enough tokens and columns for several activation ranges per matmul (the driver splits them to fit
+    cache), with results independent of the thread count."""
+    rng = np.random.default_rng(int(qtype) + 3)
+    rows, cols, n_tok = 67, 4096, 200
+    w = sane_blocks(qtype, rows * cols, rng)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    for precision in (1, 2):
+        native.set_act_precision(precision)
+        results = []
+        for n in (1, 2, 3):
+            native.set_threads(n)
+            results.append(native.matmul(w, qtype, rows, cols, x))
+        assert all(np.array_equal(results[0], r) for r in results[1:])
+        ref, mag = (reference_matmul_two_terms if precision == 2 else reference_matmul)(w, qtype, rows, cols, x)
+        assert np.all(np.abs(results[0] - ref) <= RTOL * mag)
+
+
 # ------------------------------------------------------------- act precision 2 (two-term activations)
 
 def residual_terms(x, act):
@@ -648,7 +702,7 @@ def test_matmul_matches_llama_cpp_vec_dot(ggml_cpu, qtype):
     rng = np.random.default_rng(int(qtype) + 31)
     rows, cols = 9, 1024
     w = sane_blocks(qtype, rows * cols, rng)
-    x = rng.standard_normal((2, cols)).astype(np.float32)
+    x = rng.standard_normal((6, cols)).astype(np.float32)  # 6 tokens: the tiled prefill path where it exists
     ours = native.matmul(w, qtype, rows, cols, x)
     traits = lib.ggml_get_type_traits_cpu(int(qtype))
     act_type = native.vec_dot_type(qtype)
