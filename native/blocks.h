@@ -190,6 +190,11 @@ typedef struct {
     void (*pack)(const uint8_t *w, int64_t row_stride, int nrows, int64_t cols, void *panel);
     /* c[i * nacts + j] = dot(panel row i, act row a0 + j) for i < nrows <= tile_rows, j < nacts <= tile_acts */
     void (*tile)(int nrows, int nacts, int64_t cols, const void *panel, const gr_act_panel *a, int64_t a0, float *c);
+    /* Decode (few activation rows), weights read in place, gemv_rows rows per call:
+     * c[i] = sum over j < terms (1 or 2) of dot(row i, act row a0 + j), row i at w + i * row_stride. */
+    int gemv_rows;
+    void (*gemv)(int nrows, int terms, int64_t cols, const uint8_t *w, int64_t row_stride, const gr_act_panel *a,
+                 int64_t a0, float *c);
 } gr_gemm_ops;
 
 typedef struct {

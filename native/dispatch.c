@@ -207,11 +207,15 @@ typedef struct {
     int act_type, act_block, act_type_size, terms;
     float *panel_d, *panel_s;  /* when the tiled path runs on a Q8_0/Q8_1 format: gr_act_panel's arrays */
     int64_t panel_ld;
+    atomic_llong next_unit;
 } quantize_task;
 
 static void run_quantize(void *p, int ith, int nth) {
-    const quantize_task *q = p;
-    for (int64_t u = ith; u < q->n_tok * q->chunks_per_row; u += nth) {
+    quantize_task *q = p;
+    (void)ith; (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&q->next_unit, 1);
+        if (u >= q->n_tok * q->chunks_per_row) return;
         int64_t t = u / q->chunks_per_row, c0 = (u % q->chunks_per_row) * QUANT_CHUNK;
         int64_t len = q->cols - c0 < QUANT_CHUNK ? q->cols - c0 : QUANT_CHUNK;
         const float *x = q->x + t * q->cols + c0;
@@ -327,6 +331,37 @@ static void run_gemm(void *p, int ith, int nth) {
     }
 }
 
+/* Decode: threads claim chunks of rows; each group of gemv_rows rows is multiplied against every
+ * token while it is in L1. */
+typedef struct {
+    const gr_gemm_ops *ops;
+    const uint8_t *w;
+    gr_act_panel ap;
+    float *y;
+    int64_t rows, cols, row_stride, n_tok, chunk_rows;
+    int terms;
+    atomic_llong next_chunk;
+} gemv_task;
+
+static void run_gemv(void *p, int ith, int nth) {
+    gemv_task *g = p;
+    (void)ith; (void)nth;
+    const int R = g->ops->gemv_rows;
+    float c[16];
+    for (;;) {
+        int64_t r0 = atomic_fetch_add(&g->next_chunk, 1) * g->chunk_rows;
+        if (r0 >= g->rows) return;
+        int64_t r1 = r0 + g->chunk_rows < g->rows ? r0 + g->chunk_rows : g->rows;
+        for (int64_t r = r0; r < r1; r += R) {
+            int nr = r1 - r < R ? (int)(r1 - r) : R;
+            for (int64_t t = 0; t < g->n_tok; t++) {
+                g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, &g->ap, t * g->terms, c);
+                for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
+            }
+        }
+    }
+}
+
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
@@ -348,6 +383,7 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     int64_t n_act = n_tok * terms;
     const gr_gemm_ops *ops = &k->gemm[qtype];
     int tiled = ops->tile && n_act >= GEMM_MIN_ACTS;
+    int use_gemv = !tiled && ops->gemv;
     const uint8_t *act;
     int64_t act_row_bytes = cols * 4;
     size_t act_bytes = 0, panel_arrays = 0, panel_stride = 0;
@@ -356,13 +392,11 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         act_row_bytes = row_bytes(act_type, cols);
         act_bytes = align64((size_t)(act_row_bytes * n_act));
     }
-    if (tiled) {
-        if (act_type == GR_T_Q8_0 || act_type == GR_T_Q8_1) {
-            panel_ld = (n_act + 8 + 15) & ~(int64_t)15;
-            panel_arrays = align64((size_t)(cols / 32) * (size_t)panel_ld * sizeof(float));
-        }
-        panel_stride = align64(ops->panel_bytes(cols));
+    if ((tiled || use_gemv) && (act_type == GR_T_Q8_0 || act_type == GR_T_Q8_1)) {
+        panel_ld = (n_act + 8 + 15) & ~(int64_t)15;
+        panel_arrays = align64((size_t)(cols / 32) * (size_t)panel_ld * sizeof(float));
     }
+    if (tiled) panel_stride = align64(ops->panel_bytes(cols));
     uint8_t *buf = scratch_reserve(64 + act_bytes + 2 * panel_arrays + (size_t)nth * panel_stride);
     if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
     float *panel_d = panel_arrays ? (float *)(buf + act_bytes) : NULL;
@@ -373,8 +407,9 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     } else {
         quantize_task q = {k->quantize_act[act_type], x, buf, cols, n_tok, act_row_bytes,
                            (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, act_type, gr_block_size(act_type),
-                           gr_type_size(act_type), terms, panel_d, panel_s, panel_ld};
-        gr_pool_run(run_quantize, &q, n_tok * cols * terms >= 4 * QUANT_CHUNK ? parallel : 1);
+                           gr_type_size(act_type), terms, panel_d, panel_s, panel_ld, 0};
+        atomic_init(&q.next_unit, 0);
+        gr_pool_run_dynamic(run_quantize, &q, n_tok * cols * terms >= 4 * QUANT_CHUNK ? parallel : 1);
         act = buf;
     }
 
@@ -401,7 +436,23 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         g.row_units = (rows + ur - 1) / ur;
         g.n_units = g.row_units * act_units;
         atomic_init(&g.next_unit, 0);
-        gr_pool_run(run_gemm, &g, parallel);
+        gr_pool_run_dynamic(run_gemm, &g, parallel);
+        pthread_mutex_unlock(&api_mutex);
+        return GR_OK;
+    }
+    if (use_gemv) {
+        gemv_task g = {0};
+        g.ops = ops;
+        g.w = w;
+        g.ap.act = act; g.ap.act_row_bytes = act_row_bytes;
+        g.ap.d = panel_d; g.ap.s = panel_s; g.ap.ld = panel_ld;
+        g.y = y;
+        g.rows = rows; g.cols = cols; g.row_stride = row_stride; g.n_tok = n_tok; g.terms = terms;
+        int64_t chunk = rows / ((int64_t)parallel * 8);
+        chunk = chunk < 16 ? 16 : chunk;
+        g.chunk_rows = (chunk + 7) & ~(int64_t)7;
+        atomic_init(&g.next_chunk, 0);
+        gr_pool_run_dynamic(run_gemv, &g, parallel);
         pthread_mutex_unlock(&api_mutex);
         return GR_OK;
     }
@@ -419,7 +470,7 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     int64_t tile = (256 * 1024) / (act_row_bytes * terms);
     m.token_tile = tile < 1 ? 1 : tile;
     atomic_init(&m.next_chunk, 0);
-    gr_pool_run(run_matmul, &m, parallel);
+    gr_pool_run_dynamic(run_matmul, &m, parallel);
     pthread_mutex_unlock(&api_mutex);
     return GR_OK;
 }

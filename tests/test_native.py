@@ -336,6 +336,33 @@ def test_thread_count_does_not_change_results(qtype):
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
+def test_concurrent_calls_from_python_threads_are_serialised_and_correct():
+    """cffi releases the GIL, so several Python threads can be inside the library at once; each call
+    must still see the whole pool and its own activations (decode, prefill and F16 paths)."""
+    import threading
+    rng = np.random.default_rng(8)
+    cases = []
+    for qtype, n_tok in ((T.Q4_K, 1), (T.Q4_0, 9), (T.F16, 3), (T.Q4_1, 33)):
+        w = sane_blocks(qtype, 64 * 512, rng)
+        x = rng.standard_normal((n_tok, 512)).astype(np.float32)
+        cases.append((qtype, w, x, native.matmul(w, qtype, 64, 512, x)))
+    native.set_threads(2)
+    failures = []
+
+    def worker(i):
+        for r in range(40):
+            qtype, w, x, want = cases[(i + r) % len(cases)]
+            if not np.array_equal(native.matmul(w, qtype, 64, 512, x), want):
+                failures.append((i, r, qtype.name))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
 def test_matmul_vector_shapes_out_and_row_stride():
     rng = np.random.default_rng(11)
     rows, cols, qtype = 23, 256, T.Q4_K
@@ -411,7 +438,7 @@ TILED_CASES = [(t, c) for t in TILED_TYPES for c in ([352, 1024] if native.block
 @pytest.mark.parametrize("isa", SIMD_ISAS)
 def test_tiled_matmul_matches_the_per_token_path(qtype, cols, precision, isa):
     """Several tokens go through the register-tiled kernels (8-row panels x activation-row tiles); one
-    token at a time goes through vec_dot. Rows and tokens that fill no whole tile, padded row strides
+    token at a time through the decode kernels (gemv). Rows and tokens that fill no whole tile, padded row strides
     and both precisions must agree to float rounding, and a token's result must not depend on which
     other tokens share its batch (bit for bit: each output comes from one tile lane)."""
     skip_unless(isa)
