@@ -1,25 +1,63 @@
-"""The element-wise and attention math of a transformer block, as llama.cpp's CPU backend computes it.
+"""The math of a transformer block as native calls: products with quantized weights, RMS norm, rotary
+embedding, gated activations and attention over the float16 KV cache.
 
-Weights never pass through here: products with quantized weights are `linear` (native matmul on the
-mapped bytes). Activations are float32 arrays of shape (n_tokens, features).
+These are the hot path of every decode step, so they skip the argument checking of `native`'s
+public functions: shapes are fixed when the model is built (the loader validated the file), and a
+weight's pointer is taken once, at load. Activations are float32 arrays of shape (n_tokens, features).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from . import native
 from .gguf_file import QTensor
 
-ROPE_NORM = 0   # rotate adjacent pairs (x[2i], x[2i+1]): llama-family GGUFs (converter permutes q/k)
+ROPE_NORM = 0   # rotate adjacent pairs (x[2i], x[2i+1]): llama-family GGUFs (the converter permutes q/k)
 ROPE_NEOX = 2   # rotate halves (x[i], x[i + n_rot/2]): gemma, qwen, step35, ...
+ACT_SILU = 0
+ACT_GELU = 1
+
+_lib = native._load()
+_ffi = native._ffi
 
 
-def linear(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarray:
-    """x (n, cols) @ W^T for a quantized W of shape (rows, cols)."""
-    rows, cols = w.shape[-2], w.shape[-1]
-    return native.matmul(w.data, w.qtype, rows, cols, x, out=out)
+_FLOATS = _ffi.typeof("float[]")
+_INT32S = _ffi.typeof("int32_t[]")
+_UINT16S = _ffi.typeof("uint16_t[]")
+
+
+def _f32(a: np.ndarray):
+    return _ffi.from_buffer(_FLOATS, a)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        native._check(rc, what)
+
+
+class Linear:
+    """x @ W^T for a quantized W of shape (rows, cols), bound once to the weight's bytes."""
+
+    __slots__ = ("name", "qtype", "rows", "cols", "stride", "_w", "_keep")
+
+    def __init__(self, w: QTensor):
+        self.name = w.name
+        self.qtype = int(w.qtype)
+        self.rows, self.cols = w.shape[-2], w.shape[-1]
+        self.stride = native.row_bytes(w.qtype, self.cols)
+        if self.stride * self.rows != w.nbytes:
+            raise ValueError(f"tensor {w.name!r}: {w.nbytes} bytes do not hold {self.rows}x{self.cols} {w.qtype.name}")
+        self._keep = w.data
+        self._w = _ffi.from_buffer("uint8_t[]", w.data)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        n = x.shape[0]
+        if out is None:
+            out = np.empty((n, self.rows), dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        _check(_lib.gr_matmul(self.qtype, self._w, self.rows, self.cols, self.stride, _f32(x), n, _f32(out)),
+               f"matmul {self.name}")
+        return out
 
 
 def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
@@ -31,87 +69,44 @@ def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """RMS norm over the last axis; `weight` broadcasts over it (per-head norms pass (..., head_dim))."""
-    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
-    y = x * (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)
-    return y * weight if weight is not None else y
+    """RMS norm over the last axis, times `weight` (which spans the last axis: per-head norms pass
+    (n, n_head, head_dim) with a head_dim weight)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty_like(x)
+    dim = x.shape[-1]
+    _check(_lib.gr_rms_norm(_f32(x), _ffi.NULL if weight is None else _f32(weight), _f32(y),
+                            x.size // dim, dim, eps), "rms_norm")
+    return y
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, mode: int, freq_scale: float = 1.0,
+         freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """Rotate, in place, the first n_rot features of each head of x (n_tokens, n_head, head_dim)."""
+    n, n_head, head_dim = x.shape
+    _check(_lib.gr_rope(_f32(x), _ffi.from_buffer(_INT32S, positions), n, n_head, head_dim, n_rot, mode,
+                        base, freq_scale, _ffi.NULL if freq_factors is None else _f32(freq_factors)), "rope")
+    return x
 
 
-_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """The tanh approximation, as ggml_gelu computes it."""
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_GELU_C * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
-
-
-def rope_cache(positions: np.ndarray, n_rot: int, base: float, freq_scale: float = 1.0,
-               freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of shape (n_tokens, n_rot/2) for each position.
-
-    ggml builds theta by repeated float32 multiplication by base^(-2/n_rot), not by pow per index;
-    doing the same keeps positions thousands of tokens in within float rounding of llama.cpp.
-    """
-    half = n_rot // 2
-    theta_scale = np.float32(base ** (-2.0 / n_rot))
-    steps = np.full(half, theta_scale, dtype=np.float32)
-    steps[0] = np.float32(1.0)
-    powers = np.cumprod(steps, dtype=np.float32)             # theta_scale^i, accumulated in float32
-    theta = positions.astype(np.float32)[:, None] * powers[None, :]
-    if freq_factors is not None:
-        theta = theta / freq_factors[None, :half].astype(np.float32)
-    theta = theta * np.float32(freq_scale)
-    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: int) -> np.ndarray:
-    """Rotate the first 2*cos.shape[1] features of each head. x: (n_tokens, n_heads, head_dim)."""
-    half = cos.shape[1]
-    c = cos[:, None, :]
-    s = sin[:, None, :]
-    out = x.copy()
-    if mode == ROPE_NEOX:
-        x0 = x[..., :half]
-        x1 = x[..., half:2 * half]
-        out[..., :half] = x0 * c - x1 * s
-        out[..., half:2 * half] = x0 * s + x1 * c
-    else:
-        x0 = x[..., 0:2 * half:2]
-        x1 = x[..., 1:2 * half:2]
-        out[..., 0:2 * half:2] = x0 * c - x1 * s
-        out[..., 1:2 * half:2] = x0 * s + x1 * c
-    return out
+def glu(gate: np.ndarray, up: np.ndarray, act: int, clamp: float = 0.0) -> np.ndarray:
+    """act(gate) * up, in gate's memory."""
+    _check(_lib.gr_glu(_f32(gate), _f32(up), _f32(gate), gate.size, act, clamp), "glu")
+    return gate
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
               scale: float, window: int = 0, softcap: float = 0.0) -> np.ndarray:
-    """Causal multi-head attention with grouped KV heads.
+    """Causal multi-head attention with grouped KV heads over float16 keys and values.
 
-    q: (n_q, n_head, d); k: (n_kv_tok, n_head_kv, d); v: (n_kv_tok, n_head_kv, dv); positions give
-    causality: key j is visible to query i when k_pos[j] <= q_pos[i] and, with a sliding window,
-    q_pos[i] - k_pos[j] < window (llama.cpp's LLAMA_SWA_TYPE_STANDARD). Returns (n_q, n_head * dv).
+    q: (n_q, n_head, dk) float32; k: (n_kv, n_head_kv, dk) and v: (n_kv, n_head_kv, dv) float16;
+    key j is visible to query i when 0 <= q_pos[i] - k_pos[j] (< window with a sliding window,
+    llama.cpp's LLAMA_SWA_TYPE_STANDARD). Returns (n_q, n_head * dv) float32.
     """
-    n_q, n_head, d = q.shape
-    n_kv_tok, n_head_kv, dv = v.shape
-    group = n_head // n_head_kv
-    # (n_head_kv, group, n_q, d) x (n_head_kv, d, n_kv_tok) -> (n_head_kv, group, n_q, n_kv_tok)
-    qh = q.reshape(n_q, n_head_kv, group, d).transpose(1, 2, 0, 3)
-    kh = k.astype(np.float32).transpose(1, 2, 0)
-    scores = np.matmul(qh, kh[:, None]) * np.float32(scale)
-    if softcap:
-        scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
-    diff = q_pos[:, None] - k_pos[None, :]
-    masked = diff < 0
-    if window:
-        masked |= diff >= window
-    scores[..., masked] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    vh = v.astype(np.float32).transpose(1, 0, 2)                  # (n_head_kv, n_kv_tok, dv)
-    out = np.matmul(scores, vh[:, None])                          # (n_head_kv, group, n_q, dv)
-    return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(n_q, n_head * dv)
+    n_q, n_head, dk = q.shape
+    n_kv, n_head_kv, dv = v.shape
+    out = np.empty((n_q, n_head * dv), dtype=np.float32)
+    _check(_lib.gr_attention(_f32(q), _ffi.from_buffer(_UINT16S, k.view(np.uint16)),
+                             _ffi.from_buffer(_UINT16S, v.view(np.uint16)),
+                             _ffi.from_buffer(_INT32S, q_pos), _ffi.from_buffer(_INT32S, k_pos),
+                             _f32(out), n_q, n_head, n_head_kv, n_kv, dk, dv, scale, window, softcap), "attention")
+    return out

@@ -69,4 +69,26 @@ int  gr_vec_dot_type(int qtype);
  * reference, and callers reuse a quantized activation. dst holds n / block * type_size bytes. */
 int  gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n);
 
+
+/* ---- ops ---- (native/ops.c: the element-wise and attention math around the matmuls) */
+#define GR_ROPE_NORM 0   /* rotate adjacent pairs (llama-family GGUFs) */
+#define GR_ROPE_NEOX 2   /* rotate the two halves of the rotated dimensions */
+#define GR_ACT_SILU 0
+#define GR_ACT_GELU 1
+
+int  gr_ops_simd(int on);  /* 1: AVX2/F16C inner loops where the CPU has them (default); 0: portable C */
+/* y[r] = x[r] / rms(x[r]) * w (w may be NULL), rows of dim floats; y may alias x. */
+int  gr_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64_t dim, float eps);
+/* In place on x (n_tok, n_head, head_dim): rotate the first n_rot dims of each head by pos[t]. */
+int  gr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t head_dim, int n_rot,
+             int mode, float base, float freq_scale, const float *freq_factors);
+/* out = act(gate) * up over n floats; clamp > 0 clamps gate above and up to [-clamp, clamp] first. */
+int  gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
+/* Causal attention of n_q queries (n_q, n_head, dk) over n_kv cached slots of float16 keys
+ * (n_kv, n_head_kv, dk) and values (n_kv, n_head_kv, dv) at positions k_pos; a key is visible when
+ * 0 <= q_pos - k_pos (< window if window > 0). out: (n_q, n_head, dv). softcap > 0 caps the scores. */
+int  gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int32_t *q_pos,
+                  const int32_t *k_pos, float *out, int64_t n_q, int64_t n_head, int64_t n_head_kv,
+                  int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap);
+
 #endif

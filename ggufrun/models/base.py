@@ -11,8 +11,8 @@ import numpy as np
 
 from ..gguf_file import GGUFError, GGUFFile
 from ..kv_cache import KVCache, LayerCacheSpec
-from ..layers import RopeConfig, small
-from ..ops import embed_rows, linear, rms_norm, rope_cache
+from ..layers import small
+from ..ops import Linear, embed_rows, rms_norm
 
 _REQUIRED = object()
 
@@ -50,14 +50,11 @@ class TransformerLM:
         self.tok_embd = f.tensor("token_embd.weight", (n_vocab, n_embd))
         self.output_norm = small(f, "output_norm.weight", (n_embd,))
         # tied embeddings: files without output.weight reuse token_embd
-        self.output = f.maybe_tensor("output.weight", (n_vocab, n_embd)) or self.tok_embd
+        self.output = Linear(f.maybe_tensor("output.weight", (n_vocab, n_embd)) or self.tok_embd)
         self.blocks: list = []
 
     # -- to be given by the architecture ----------------------------------------------------------
     def cache_specs(self) -> list[LayerCacheSpec]:
-        raise NotImplementedError
-
-    def rope_of(self, layer: int) -> RopeConfig:
         raise NotImplementedError
 
     # -- shared forward ---------------------------------------------------------------------------
@@ -71,17 +68,12 @@ class TransformerLM:
         return x
 
     def hidden(self, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        ropes: dict[RopeConfig, tuple[np.ndarray, np.ndarray]] = {}
         for i, block in enumerate(self.blocks):
-            rc = self.rope_of(i)
-            if rc not in ropes:
-                ropes[rc] = rope_cache(positions, rc.n_rot, rc.base, rc.freq_scale,
-                                       None if rc.freq_factors is None else np.array(rc.freq_factors, np.float32))
-            x = block(x, positions, ropes[rc], cache, i)
+            x = block(x, positions, cache, i)
         return x
 
     def logits(self, h: np.ndarray) -> np.ndarray:
-        y = linear(rms_norm(h, self.output_norm, self.norm_eps), self.output)
+        y = self.output(rms_norm(h, self.output_norm, self.norm_eps))
         if self.final_softcap:
             y = np.float32(self.final_softcap) * np.tanh(y / np.float32(self.final_softcap))
         return y

@@ -70,8 +70,8 @@ class Block:
         self.ffn = GatedFFN(f, pre, p.n_embd, p.n_ff, "gelu")
         self.ffn_post_norm = small(f, pre + "post_ffw_norm.weight", (p.n_embd,))
 
-    def __call__(self, x, positions, rope_cs, cache, i):
-        a = self.attn(rms_norm(x, self.attn_norm, self.eps), positions, rope_cs, cache, i)
+    def __call__(self, x, positions, cache, i):
+        a = self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
         h = x + rms_norm(a, self.attn_post_norm, self.eps)
         m = self.ffn(rms_norm(h, self.ffn_norm, self.eps))
         return h + rms_norm(m, self.ffn_post_norm, self.eps)
@@ -86,7 +86,7 @@ class Model(TransformerLM):
         self.blocks = []
         for i in range(p.n_layer):
             cfg = AttentionConfig(n_head=p.n_head, n_head_kv=p.n_head_kv, head_dim_k=p.head_dim,
-                                  head_dim_v=p.head_dim, rope=self.rope_of(i), scale=p.attn_scale,
+                                  head_dim_v=p.head_dim, rope=p.rope_local if p.is_swa[i] else p.rope_global, scale=p.attn_scale,
                                   window=p.window if p.is_swa[i] else 0, norm_eps=p.norm_eps)
             self.blocks.append(Block(f, i, p, cfg))
 
@@ -94,7 +94,3 @@ class Model(TransformerLM):
         p = self.params
         return [LayerCacheSpec(p.n_head_kv, p.head_dim, p.head_dim, p.window if p.is_swa[i] else 0)
                 for i in range(p.n_layer)]
-
-    def rope_of(self, layer):
-        p = self.params
-        return p.rope_local if p.is_swa[layer] else p.rope_global

@@ -53,8 +53,8 @@ class Block:
         self.ffn_norm = small(f, pre + "ffn_norm.weight", (p.n_embd,))
         self.ffn = GatedFFN(f, pre, p.n_embd, p.n_ff, "silu")
 
-    def __call__(self, x, positions, rope_cs, cache, i):
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, rope_cs, cache, i)
+    def __call__(self, x, positions, cache, i):
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
         return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
 
 
@@ -69,6 +69,3 @@ class Model(TransformerLM):
     def cache_specs(self):
         p = self.params
         return [LayerCacheSpec(p.n_head_kv, p.head_dim, p.head_dim)] * p.n_layer
-
-    def rope_of(self, layer):
-        return self.params.rope

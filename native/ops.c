@@ -1,0 +1,275 @@
+/* Transformer ops around the matmuls: RMS norm, rotary embedding, gated activations, attention over
+ * a float16 KV cache. Each is one call per layer from Python, so a decode step costs a handful of
+ * native calls per layer instead of dozens of numpy ones.
+ *
+ * Numerics follow llama.cpp's CPU backend where it is exact (RMS norm sums in double, rope angles by
+ * repeated float multiplication) and are exact where llama.cpp approximates (the GELU is computed, not
+ * looked up in a float16 table; attention probabilities stay float32 instead of being rounded to f16).
+ *
+ * The inner loops have an AVX2/F16C variant selected once at run time from CPUID, beside the portable
+ * C they are checked against. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ggufrun.h"
+#include "threadpool.h"
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define GR_X86 1
+#endif
+
+static pthread_mutex_t ops_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---------------------------------------------------------------- half precision */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) bits = sign;
+        else {  /* subnormal: normalise */
+            int e = -1;
+            do { mant <<= 1; e++; } while (!(mant & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (mant << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* dot(q, k) over n with k in f16, and acc += w * v over n with v in f16 */
+typedef float (*dot_f16_fn)(const float *q, const uint16_t *k, int64_t n);
+typedef void (*axpy_f16_fn)(float *acc, float w, const uint16_t *v, int64_t n);
+typedef void (*scale_fn)(float *acc, float s, int64_t n);
+
+static float dot_f16_scalar(const float *q, const uint16_t *k, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += q[i] * half_to_float(k[i]);
+    return s;
+}
+static void axpy_f16_scalar(float *acc, float w, const uint16_t *v, int64_t n) {
+    for (int64_t i = 0; i < n; i++) acc[i] += w * half_to_float(v[i]);
+}
+static void scale_scalar(float *acc, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) acc[i] *= s;
+}
+
+#ifdef GR_X86
+__attribute__((target("avx2,fma,f16c")))
+static float dot_f16_avx2(const float *q, const uint16_t *k, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 8))), a1);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), a0);
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float r = _mm_cvtss_f32(s);
+    for (; i < n; i++) r += q[i] * _cvtsh_ss(k[i]);
+    return r;
+}
+__attribute__((target("avx2,fma,f16c")))
+static void axpy_f16_avx2(float *acc, float w, const uint16_t *v, int64_t n) {
+    __m256 vw = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(vw, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + i))),
+                                                  _mm256_loadu_ps(acc + i)));
+    for (; i < n; i++) acc[i] += w * _cvtsh_ss(v[i]);
+}
+__attribute__((target("avx2,fma")))
+static void scale_avx2(float *acc, float s, int64_t n) {
+    __m256 vs = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), vs));
+    for (; i < n; i++) acc[i] *= s;
+}
+#endif
+
+static dot_f16_fn dot_f16 = dot_f16_scalar;
+static axpy_f16_fn axpy_f16 = axpy_f16_scalar;
+static scale_fn scale_f32 = scale_scalar;
+static pthread_once_t ops_once = PTHREAD_ONCE_INIT;
+
+static void ops_init(void) {
+#ifdef GR_X86
+    __builtin_cpu_init();
+    if (gr_isa_get() != GR_ISA_SCALAR && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+        dot_f16 = dot_f16_avx2;
+        axpy_f16 = axpy_f16_avx2;
+        scale_f32 = scale_avx2;
+    }
+#endif
+}
+
+int gr_ops_simd(int on) {
+    pthread_once(&ops_once, ops_init);
+    pthread_mutex_lock(&ops_mutex);
+#ifdef GR_X86
+    if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2;
+        pthread_mutex_unlock(&ops_mutex);
+        return 1;
+    }
+#endif
+    (void)on;
+    dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar;
+    pthread_mutex_unlock(&ops_mutex);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- RMS norm */
+
+int gr_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64_t dim, float eps) {
+    if (n_rows <= 0 || dim <= 0) return GR_E_SHAPE;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        double sum = 0.0;  /* like ggml: squares summed in double */
+        for (int64_t i = 0; i < dim; i++) sum += (double)(xr[i] * xr[i]);
+        const float scale = 1.0f / sqrtf((float)(sum / (double)dim) + eps);
+        if (w) for (int64_t i = 0; i < dim; i++) yr[i] = (xr[i] * scale) * w[i];
+        else for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * scale;
+    }
+    return GR_OK;
+}
+
+/* ---------------------------------------------------------------- rotary embedding */
+
+int gr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t head_dim, int n_rot,
+            int mode, float base, float freq_scale, const float *freq_factors) {
+    if (n_tok <= 0 || n_head <= 0 || n_rot <= 0 || n_rot > head_dim || n_rot % 2) return GR_E_SHAPE;
+    const int half = n_rot / 2;
+    const float theta_scale = powf(base, -2.0f / (float)n_rot);
+    float cs[2 * 512];
+    float *cache = n_rot <= 1024 ? cs : malloc(sizeof(float) * (size_t)n_rot);
+    if (!cache) return GR_E_NOMEM;
+    for (int64_t t = 0; t < n_tok; t++) {
+        /* angles as ggml builds them: theta_i = p * theta_scale^i by repeated float multiplication */
+        float theta = (float)pos[t];
+        for (int i = 0; i < half; i++) {
+            const float ff = freq_factors ? freq_factors[i] : 1.0f;
+            const float th = freq_scale * (theta / ff);
+            cache[2 * i] = cosf(th);
+            cache[2 * i + 1] = sinf(th);
+            theta *= theta_scale;
+        }
+        for (int64_t h = 0; h < n_head; h++) {
+            float *v = x + (t * n_head + h) * head_dim;
+            for (int i = 0; i < half; i++) {
+                const float c = cache[2 * i], s = cache[2 * i + 1];
+                const int a = mode == GR_ROPE_NEOX ? i : 2 * i;
+                const int b = mode == GR_ROPE_NEOX ? i + half : 2 * i + 1;
+                const float x0 = v[a], x1 = v[b];
+                v[a] = x0 * c - x1 * s;
+                v[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+    if (cache != cs) free(cache);
+    return GR_OK;
+}
+
+/* ---------------------------------------------------------------- gated activations */
+
+static inline float silu_f(float x) { return x / (1.0f + expf(-x)); }
+static inline float gelu_f(float x) {
+    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+    return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
+}
+
+int gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp) {
+    if (n <= 0) return GR_E_SHAPE;
+    /* clamp > 0: Step-3.5's clamped SwiGLU (gate clamped from above, up to [-clamp, clamp]) */
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i], u = up[i];
+        if (clamp > 0.0f) {
+            g = g > clamp ? clamp : g;
+            u = u > clamp ? clamp : (u < -clamp ? -clamp : u);
+        }
+        out[i] = (act == GR_ACT_GELU ? gelu_f(g) : silu_f(g)) * u;
+    }
+    return GR_OK;
+}
+
+/* ---------------------------------------------------------------- attention */
+
+typedef struct {
+    const float *q;
+    const uint16_t *k, *v;
+    const int32_t *q_pos, *k_pos;
+    float *out;
+    int64_t n_q, n_head, n_head_kv, n_kv, dk, dv;
+    int64_t k_stride, v_stride;   /* elements between consecutive cache slots */
+    float scale, softcap;
+    int window;
+    float *scratch;               /* per thread: dv accumulators + n_kv scores */
+} attn_task;
+
+/* One (query, head) at a time with a running max so the probabilities never need a second pass over
+ * the keys; masked keys are skipped, not added as -inf. */
+static void run_attention(void *p, int ith, int nth) {
+    const attn_task *a = p;
+    const int64_t group = a->n_head / a->n_head_kv;
+    float *acc = a->scratch + (size_t)ith * (size_t)(a->dv + a->n_kv);
+    float *scores = acc + a->dv;
+    for (int64_t item = ith; item < a->n_q * a->n_head; item += nth) {
+        const int64_t i = item / a->n_head, h = item % a->n_head, hk = h / group;
+        const float *q = a->q + (i * a->n_head + h) * a->dk;
+        const int32_t qp = a->q_pos[i];
+        float m = -INFINITY;
+        int64_t n_vis = 0;
+        for (int64_t j = 0; j < a->n_kv; j++) {
+            const int32_t d = qp - a->k_pos[j];
+            if (d < 0 || (a->window && d >= a->window)) { scores[j] = NAN; continue; }
+            float s = dot_f16(q, a->k + j * a->k_stride + hk * a->dk, a->dk) * a->scale;
+            if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
+            scores[j] = s;
+            if (s > m) m = s;
+            n_vis++;
+        }
+        float *o = a->out + (i * a->n_head + h) * a->dv;
+        memset(acc, 0, sizeof(float) * (size_t)a->dv);
+        if (n_vis == 0) { memset(o, 0, sizeof(float) * (size_t)a->dv); continue; }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < a->n_kv; j++) {
+            if (isnan(scores[j])) continue;
+            const float e = expf(scores[j] - m);
+            sum += e;
+            axpy_f16(acc, e, a->v + j * a->v_stride + hk * a->dv, a->dv);
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t c = 0; c < a->dv; c++) o[c] = acc[c] * inv;
+    }
+}
+
+int gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int32_t *q_pos,
+                 const int32_t *k_pos, float *out, int64_t n_q, int64_t n_head, int64_t n_head_kv,
+                 int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap) {
+    pthread_once(&ops_once, ops_init);
+    if (n_q <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || n_kv <= 0 || dk <= 0 || dv <= 0)
+        return GR_E_SHAPE;
+    pthread_mutex_lock(&ops_mutex);
+    const int nth = gr_pool_threads();
+    const size_t per_thread = (size_t)(dv + n_kv);
+    float *scratch = malloc(sizeof(float) * per_thread * (size_t)nth);
+    if (!scratch) { pthread_mutex_unlock(&ops_mutex); return GR_E_NOMEM; }
+    attn_task a = {q, k, v, q_pos, k_pos, out, n_q, n_head, n_head_kv, n_kv, dk, dv,
+                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, scratch};
+    /* below a few hundred thousand multiply-adds a pool wake-up costs more than it saves */
+    const double work = (double)n_q * (double)n_head * (double)n_kv * (double)(dk + dv);
+    gr_pool_run(run_attention, &a, work >= 2e5 ? nth : 1);
+    free(scratch);
+    pthread_mutex_unlock(&ops_mutex);
+    return GR_OK;
+}
