@@ -248,6 +248,11 @@ class ChatSession:
                 self.reply(text)
             except ValueError as e:
                 self.say(f"error: {e}\n")
+            except KeyboardInterrupt:
+                # Ctrl-C before the reply started streaming (templating, prompt evaluation)
+                if self.messages and self.messages[-1]["role"] == "user":
+                    self.messages.pop()
+                self.say("\n[interrupted]\n")
 
 
 def _rss() -> int:
