@@ -1,0 +1,113 @@
+"""native/ops.c against float64 numpy references, SIMD inner loops against the portable ones."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggufrun import ops
+
+rng = np.random.default_rng(0)
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    ops._lib.gr_ops_simd(1 if request.param else 0)
+    yield request.param
+    ops._lib.gr_ops_simd(1)
+
+
+def test_rms_norm():
+    x = rng.standard_normal((5, 3, 64)).astype(np.float32) * 4
+    w = rng.standard_normal(64).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6), want, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(ops.rms_norm(x, None, 1e-6), want / w, rtol=2e-6, atol=1e-5)
+
+
+def rope_ref(x, pos, n_rot, base, neox, freq_scale=1.0, ff=None):
+    half = n_rot // 2
+    theta = pos[:, None] * base ** (-2.0 * np.arange(half) / n_rot)
+    if ff is not None:
+        theta = theta / ff[:half]
+    theta = theta * freq_scale
+    c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    out = x.astype(np.float64).copy()
+    a, b = (slice(0, half), slice(half, n_rot)) if neox else (slice(0, n_rot, 2), slice(1, n_rot, 2))
+    out[..., a] = x[..., a] * c - x[..., b] * s
+    out[..., b] = x[..., a] * s + x[..., b] * c
+    return out
+
+
+@pytest.mark.parametrize("mode", [ops.ROPE_NORM, ops.ROPE_NEOX])
+@pytest.mark.parametrize("n_rot", [64, 32])
+def test_rope(mode, n_rot):
+    x = rng.standard_normal((6, 4, 64)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100, 2000, 4095], dtype=np.int32)
+    ff = np.linspace(1, 8, n_rot // 2).astype(np.float32)
+    for freq_scale, factors in ((1.0, None), (0.25, ff)):
+        got = ops.rope(x.copy(), pos, n_rot, 10000.0, mode, freq_scale, factors)
+        want = rope_ref(x, pos.astype(np.float64), n_rot, 10000.0, mode == ops.ROPE_NEOX, freq_scale, factors)
+        # angles at position 4095 carry float32 rounding of ~4095 * 2^-24 rad
+        np.testing.assert_allclose(got, want, atol=2e-3)
+        np.testing.assert_array_equal(got[..., n_rot:], x[..., n_rot:])  # partial rotary: rest untouched
+
+
+@pytest.mark.parametrize("act", [ops.ACT_SILU, ops.ACT_GELU])
+def test_glu_and_clamp(act):
+    g = (rng.standard_normal(1000) * 5).astype(np.float32)
+    u = (rng.standard_normal(1000) * 5).astype(np.float32)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+
+    def f(z):
+        if act == ops.ACT_SILU:
+            return z / (1 + np.exp(-z))
+        return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * z * (1 + 0.044715 * z * z)))
+    np.testing.assert_allclose(ops.glu(g.copy(), u, act), f(g64) * u64, rtol=1e-5, atol=1e-5)
+    clamped = f(np.minimum(g64, 3.0)) * np.clip(u64, -3.0, 3.0)
+    np.testing.assert_allclose(ops.glu(g.copy(), u, act, clamp=3.0), clamped, rtol=1e-5, atol=1e-5)
+
+
+def attention_ref(q, k, v, q_pos, k_pos, scale, window=0, softcap=0.0):
+    n_q, n_head, dk = q.shape
+    n_kv, n_head_kv, dv = v.shape
+    g = n_head // n_head_kv
+    out = np.zeros((n_q, n_head, dv))
+    for i in range(n_q):
+        for h in range(n_head):
+            s = k[:, h // g].astype(np.float64) @ q[i, h].astype(np.float64) * scale
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            d = q_pos[i] - k_pos
+            vis = (d >= 0) & ((d < window) if window else True)
+            if not vis.any():
+                continue
+            p = np.exp(s[vis] - s[vis].max())
+            out[i, h] = (p / p.sum()) @ v[vis, h // g].astype(np.float64)
+    return out.reshape(n_q, -1)
+
+
+@pytest.mark.parametrize("n_head,n_head_kv,dk,dv", [(8, 8, 64, 64), (9, 3, 64, 64), (4, 1, 256, 256), (6, 2, 40, 24)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
+def test_attention(simd, n_head, n_head_kv, dk, dv, window, softcap):
+    n_kv, n_q = 23, 4
+    q = rng.standard_normal((n_q, n_head, dk)).astype(np.float32)
+    k = rng.standard_normal((n_kv, n_head_kv, dk)).astype(np.float16)
+    v = rng.standard_normal((n_kv, n_head_kv, dv)).astype(np.float16)
+    k_pos = rng.permutation(n_kv).astype(np.int32)     # ring-buffer order: slots need not be sorted
+    k_pos[3] = 2**30                                   # an empty slot (always in the future)
+    q_pos = np.array([0, 9, 15, 22], dtype=np.int32)
+    got = ops.attention(q, k, v, q_pos, k_pos, 0.125, window, softcap)
+    want = attention_ref(q, k, v, q_pos, k_pos, 0.125, window, softcap)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_attention_large_batch_uses_threads():
+    # enough work to wake the pool; results must not depend on the split
+    n_q, n_kv = 64, 128
+    q = rng.standard_normal((n_q, 8, 64)).astype(np.float32)
+    k = rng.standard_normal((n_kv, 2, 64)).astype(np.float16)
+    v = rng.standard_normal((n_kv, 2, 64)).astype(np.float16)
+    pos = np.arange(n_kv, dtype=np.int32)
+    got = ops.attention(q, k, v, pos[-n_q:], pos, 0.125)
+    np.testing.assert_allclose(got, attention_ref(q, k, v, pos[-n_q:], pos, 0.125), rtol=1e-5, atol=2e-5)
