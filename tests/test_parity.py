@@ -13,10 +13,11 @@ two texts (prose with code and numbers; plain prose) it is held to:
     for SmolLM2 and is 5.0e-3 KL from it on Gemma 3, while its own batched and token-by-token paths agree
     with each other on only 93.7-96.2% of positions;
   - against the float64 reference: mean KL no larger than llama.cpp's own;
-  - our own batched and token-by-token paths agree closely (same numerics per token).
+Our own token-by-token path is checked against our batched one in test_api.py.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -65,6 +66,12 @@ def _record(name: str, figures: dict) -> None:
     RESULTS.write_text(json.dumps(data, indent=2))
 
 
+@functools.lru_cache(maxsize=1)
+def _weights(path: str) -> reference.Weights:
+    """float64 weights of one model, kept while its texts run (the params are ordered by model)."""
+    return reference.Weights(path)
+
+
 @pytest.fixture(scope="module", params=[(m, t) for m in ("smollm2_path", "gemma3_path") for t in TEXTS],
                 ids=lambda p: f"{p[0].replace('_path', '')}-{p[1]}")
 def runs(request):
@@ -74,21 +81,16 @@ def runs(request):
     ids = llm.tokenize((Path(__file__).parent / "data" / TEXTS[text]).read_text())[:N_POS]
     assert len(ids) == N_POS
     ours = llm.logits(ids)
-    # our token-by-token path: the decode loop, one token per forward
-    llm.reset()
-    ours_step = np.concatenate([llm._eval([t]) for t in ids])
     lcpp_batch = llama_cpp_logits(path, ids, token_by_token=False)
     lcpp_step = llama_cpp_logits(path, ids, token_by_token=True)
-    ref = reference.forward(reference.Weights(path), ids)
+    ref = reference.forward(_weights(path), ids)
     figures = {
         "llama.cpp batched || ggufrun": compare(lcpp_batch, ours),
         "llama.cpp token-by-token || ggufrun": compare(lcpp_step, ours),
         "llama.cpp batched || llama.cpp token-by-token": compare(lcpp_batch, lcpp_step),
         "float64 || ggufrun": compare(ref, ours),
-        "float64 || ggufrun token-by-token": compare(ref, ours_step),
         "float64 || llama.cpp batched": compare(ref, lcpp_batch),
         "float64 || llama.cpp token-by-token": compare(ref, lcpp_step),
-        "ggufrun batched || ggufrun token-by-token": compare(ours, ours_step),
     }
     name = f"{model.replace('_path', '')} {text}"
     _record(name, figures)
@@ -110,10 +112,3 @@ def test_closer_to_exact_than_llama_cpp(runs):
     ours = runs["float64 || ggufrun"]["mean_kl"]
     assert ours <= runs["float64 || llama.cpp batched"]["mean_kl"], runs
     assert ours <= runs["float64 || llama.cpp token-by-token"]["mean_kl"], runs
-    assert runs["float64 || ggufrun token-by-token"]["mean_kl"] <= runs["float64 || llama.cpp token-by-token"]["mean_kl"]
-
-
-@pytest.mark.slow
-def test_batched_and_step_paths_agree(runs):
-    f = runs["ggufrun batched || ggufrun token-by-token"]
-    assert f["top1"] >= 0.99 and f["mean_kl"] <= 1e-4, f
