@@ -84,6 +84,11 @@ def cmd_chat(a) -> int:
     return ChatSession.from_args(a).repl()
 
 
+def cmd_bench(a) -> int:
+    from .bench import main_from_args
+    return main_from_args(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ggufrun", description="Run quantized GGUF models on the CPU.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -107,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("bench", help="prompt processing and generation tokens/s, llama-bench style")
+    _add_model_args(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-r", "--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("chat", help="interactive chat")
     _add_model_args(p)

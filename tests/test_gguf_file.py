@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -277,3 +278,22 @@ def test_real_files_open(smollm2_path, gemma3_path):
     with GGUFFile(gemma3_path) as f:
         assert f.arch == "gemma3" and len(f.tensor_infos) == 236
         assert f.tensor("token_embd.weight", (262144, 640)).nbytes == 262144 * 640 // 32 * 34
+
+
+def test_opening_a_huge_many_tensor_file_touches_only_the_header(tmp_path):
+    """A Step-3.7-Flash-shaped sparse file with 10,000+ tensors: opening reads the header, no tensor data."""
+    import resource
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    import sparse_big
+    p = tmp_path / "big.gguf"
+    n = sparse_big.write(str(p), layers=12, experts=288, split_experts=True)
+    assert n > 10_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with GGUFFile(p) as f:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert len(f.tensor_infos) == n
+        data_start = f.data_offset
+        assert f.file_size > 30 * 2**30          # tens of GiB apparent, almost nothing on disk
+    # page faults on the mapping: the header's pages, plus the parser's own heap growth
+    assert faults * 4096 < data_start + 64 * 2**20, (faults, data_start)

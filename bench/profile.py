@@ -1,0 +1,102 @@
+"""Where a decode step's time goes: native kernels by op class versus the Python driving them.
+
+    python bench/profile.py [-m smollm2-135m] [-n 64] [-t THREADS] [--prompt 32]
+
+Wraps every native entry point the model calls (ops.Linear and the ops functions) with a timer, decodes
+n tokens one at a time, and prints per-token time by op class and by layer, and the Python overhead:
+wall time minus time inside native calls. Timers cost ~0.3 us a call, which the overhead row includes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import ggufrun  # noqa: E402
+from ggufrun import ops  # noqa: E402
+
+by_op: dict[str, float] = defaultdict(float)
+calls: dict[str, int] = defaultdict(int)
+by_layer: dict[int, float] = defaultdict(float)
+current_layer = [-1]
+
+
+def timed(name, fn):
+    def wrapper(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            dt = time.perf_counter() - t
+            by_op[name] += dt
+            calls[name] += 1
+            by_layer[current_layer[0]] += dt
+    return wrapper
+
+
+def install() -> None:
+    linear_call = ops.Linear.__call__
+
+    def linear(self, x, out=None):
+        name = "matmul " + self.name.split(".")[-2] if "." in self.name else "matmul"
+        return timed(name, linear_call)(self, x, out)
+    ops.Linear.__call__ = linear
+    for mod_name in ("layers", "models.base", "models.llama", "models.gemma3"):
+        mod = sys.modules.get(f"ggufrun.{mod_name}")
+        if mod is None:
+            continue
+        for fn in ("rms_norm", "rope", "glu", "attention", "embed_rows"):
+            if hasattr(mod, fn):
+                setattr(mod, fn, timed(fn, getattr(ops, fn)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", default="smollm2-135m")
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--prompt", type=int, default=32)
+    a = ap.parse_args()
+    llm = ggufrun.load(a.model, n_threads=a.threads, n_ctx=a.prompt + a.n_gen + 8)
+    install()
+    blocks = llm.model.blocks
+    for i, b in enumerate(blocks):  # attribute time to layers
+        call = type(b).__call__
+
+        def layer_call(self, *args, _call=call, _i=i, **kw):
+            current_layer[0] = _i
+            try:
+                return _call(self, *args, **kw)
+            finally:
+                current_layer[0] = -1
+        b.__class__ = type(type(b).__name__, (type(b),), {"__call__": layer_call})
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, llm.model.n_vocab, a.prompt + a.n_gen).tolist()
+    llm._eval(ids[:a.prompt])
+    by_op.clear(); calls.clear(); by_layer.clear()
+    t = time.perf_counter()
+    for tok in ids[a.prompt:]:
+        llm._eval([tok])
+    wall = time.perf_counter() - t
+    n = a.n_gen
+    native_total = sum(by_op.values())
+    print(f"{llm.path}: {n} decode steps, {n / wall:.1f} tokens/s, {1e3 * wall / n:.2f} ms/token")
+    print(f"{'op class':<22} {'ms/token':>9} {'calls/token':>12} {'share':>7}")
+    for name, s in sorted(by_op.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<22} {1e3 * s / n:9.3f} {calls[name] / n:12.1f} {100 * s / wall:6.1f}%")
+    py = wall - native_total
+    print(f"{'python (the rest)':<22} {1e3 * py / n:9.3f} {'':>12} {100 * py / wall:6.1f}%")
+    print(f"native calls per token: {sum(calls.values()) / n:.0f}; python overhead per call: "
+          f"{1e6 * py / max(sum(calls.values()), 1):.1f} us")
+    print("per layer (ms/token, native only): " + " ".join(f"{1e3 * by_layer[i] / n:.2f}" for i in range(len(blocks))))
+
+
+if __name__ == "__main__":
+    main()
