@@ -225,6 +225,27 @@ def quantize_activations(x: np.ndarray, act_qtype) -> np.ndarray:
     return out
 
 
+def quantize_activation_terms(x: np.ndarray, act_qtype) -> tuple[np.ndarray, np.ndarray]:
+    """The two terms matmul feeds its dot products at act precision 2, as uint8 bytes of act_qtype
+    blocks: q1 = quantize_activations(x), and q2 = the same format's quantization of the residual
+    x - dequantize(q1) (for Q8_1 with s values completing the exact sum of both terms)."""
+    lib = _load()
+    t = qtype_of(act_qtype)
+    if t not in ACTIVATION_TYPES:
+        raise ValueError(f"activation format must be one of {', '.join(a.name for a in ACTIVATION_TYPES)}, "
+                         f"not {t.name}")
+    x = _float32_input(x, "quantize_activation_terms x")
+    bs, ts = lib.gr_block_size(int(t)), lib.gr_type_size(int(t))
+    if x.size == 0 or x.size % bs:
+        raise ValueError(f"quantize_activation_terms: {x.size} elements is not a positive multiple of {bs}")
+    out = np.empty(2 * (x.size // bs * ts), dtype=np.uint8)
+    _check(lib.gr_quantize_activation_terms(int(t), _ffi.from_buffer("float[]", x),
+                                            _ffi.from_buffer("uint8_t[]", out), x.size),
+           f"quantize_activation_terms {t.name}")
+    half = out.size // 2
+    return out[:half], out[half:]
+
+
 def _float32_input(x, what: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{what}: expected a numpy float32 array, got {type(x).__name__}")

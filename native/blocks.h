@@ -167,6 +167,13 @@ typedef void  (*gr_quantize_act_fn)(const float *x, void *dst, int64_t n);
 /* Two-term activations (act precision 2): dot(w, a1) + dot(w, a2) in one pass over the weight row,
  * a1 the activation and a2 its quantized residual, both in the weight type's activation format. */
 typedef float (*gr_vec_dot2_fn)(int64_t n, const void *w, const void *a1, const void *a2);
+/* n floats (a multiple of the format's block size) to activation terms in one pass: q1 = quantize(x)
+ * into dst1 and, when dst2 is not NULL, q2 = quantize(x - deq(q1)) into dst2 (gr_act_residual's
+ * rules, Q8_1's s2 from gr_q8_1_residual_sums), bit for bit what the separate steps give. When d is
+ * not NULL (Q8_0/Q8_1), block k's scale and sum (as gr_act_panel_scales computes them) of q1 go to
+ * d[k * ld], s[k * ld] and those of q2 to d[k * ld + 1], s[k * ld + 1]. NULL in a table: dispatch
+ * composes quantize_act, gr_act_residual and gr_act_panel_scales. */
+typedef void  (*gr_quantize_terms_fn)(const float *x, void *dst1, void *dst2, int64_t n, float *d, float *s, int64_t ld);
 
 /* Prefill (several activation rows) runs register-tiled micro-kernels where an ISA has them for a type.
  * A thread packs a group of up to tile_rows weight rows into a panel (codes unpacked to bytes, scales
@@ -202,6 +209,7 @@ typedef struct {
     gr_vec_dot_fn vec_dot[GR_T_SLOTS];
     gr_vec_dot2_fn vec_dot2[GR_T_SLOTS];          /* NULL: dispatch calls vec_dot twice */
     gr_quantize_act_fn quantize_act[GR_T_SLOTS];  /* indexed by activation type (F16, BF16, Q8_*) */
+    gr_quantize_terms_fn quantize_terms[GR_T_SLOTS];  /* same index; NULL: composed from the above */
     gr_gemm_ops gemm[GR_T_SLOTS];                 /* tile == NULL: prefill uses vec_dot per (row, token) */
 } gr_kernels;
 

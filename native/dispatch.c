@@ -180,6 +180,21 @@ int gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n)
     return GR_OK;
 }
 
+static void quantize_terms(const gr_kernels *k, int act_type, const float *x, uint8_t *q1, uint8_t *q2, int64_t n,
+                           float *d, float *s, int64_t ld);
+
+int gr_quantize_activation_terms(int act_qtype, const float *x, void *dst, int64_t n) {
+    ensure_init();
+    if (act_qtype < 0 || act_qtype >= GR_T_SLOTS || act_qtype == GR_T_F32 || !tables[GR_ISA_SCALAR].quantize_act[act_qtype])
+        return GR_E_QTYPE;
+    if (n <= 0 || n % gr_block_size(act_qtype)) return GR_E_SHAPE;
+    pthread_mutex_lock(&api_mutex);
+    uint8_t *q1 = dst;
+    quantize_terms(&tables[isa_current], act_qtype, x, q1, q1 + row_bytes(act_qtype, n), n, NULL, NULL, 0);
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}
+
 /* Scratch for quantized activations, grown on demand and kept between calls (guarded by api_mutex). */
 static uint8_t *scratch;
 static size_t scratch_size;
@@ -199,8 +214,32 @@ static uint8_t *scratch_reserve(size_t n) {
 
 /* Activation rows: token t's term k (k < terms) at act + (t * terms + k) * act_row_bytes, so with two
  * terms the residual row directly follows its token's first row. */
+/* The activation terms of n floats at x (see gr_quantize_terms_fn), from the table's fused function or
+ * composed from the single-term quantizer and the shared residual helpers. */
+static void quantize_terms(const gr_kernels *k, int act_type, const float *x, uint8_t *q1, uint8_t *q2, int64_t n,
+                           float *d, float *s, int64_t ld) {
+    if (k->quantize_terms[act_type]) { k->quantize_terms[act_type](x, q1, q2, n, d, s, ld); return; }
+    k->quantize_act[act_type](x, q1, n);
+    if (q2) {
+        float r[QUANT_CHUNK];
+        for (int64_t c = 0; c < n; c += QUANT_CHUNK) {  /* callers pass chunks; this keeps r bounded */
+            int64_t len = n - c < QUANT_CHUNK ? n - c : QUANT_CHUNK;
+            int64_t off = c / gr_block_size(act_type) * gr_type_size(act_type);
+            gr_act_residual(act_type, x + c, q1 + off, r, len);
+            k->quantize_act[act_type](r, q2 + off, len);
+            if (act_type == GR_T_Q8_1) gr_q8_1_residual_sums(q1 + off, q2 + off, len);
+        }
+    }
+    if (d) {
+        int64_t row = n / 32 * gr_type_size(act_type);
+        /* gr_act_panel_scales reads rows at multiples of a row stride: the two terms are two rows */
+        gr_act_panel_scales(act_type, q1, row, 0, n / 32, 0, 1, d, s, ld);
+        if (q2) gr_act_panel_scales(act_type, q2, row, 0, n / 32, 0, 1, d + 1, s + 1, ld);
+    }
+}
+
 typedef struct {
-    gr_quantize_act_fn quantize;
+    const gr_kernels *k;
     const float *x;
     uint8_t *act;
     int64_t cols, n_tok, act_row_bytes, chunks_per_row;
@@ -220,17 +259,9 @@ static void run_quantize(void *p, int ith, int nth) {
         int64_t len = q->cols - c0 < QUANT_CHUNK ? q->cols - c0 : QUANT_CHUNK;
         const float *x = q->x + t * q->cols + c0;
         uint8_t *q1 = q->act + t * q->terms * q->act_row_bytes + c0 / q->act_block * q->act_type_size;
-        q->quantize(x, q1, len);
-        if (q->terms == 2) {
-            float r[QUANT_CHUNK];
-            uint8_t *q2 = q1 + q->act_row_bytes;
-            gr_act_residual(q->act_type, x, q1, r, len);
-            q->quantize(r, q2, len);
-            if (q->act_type == GR_T_Q8_1) gr_q8_1_residual_sums(q1, q2, len);
-        }
-        if (q->panel_d)
-            gr_act_panel_scales(q->act_type, q->act, q->act_row_bytes, c0 / 32, (c0 + len) / 32, t * q->terms,
-                                (t + 1) * q->terms, q->panel_d, q->panel_s, q->panel_ld);
+        int64_t pd = c0 / 32 * q->panel_ld + t * q->terms;
+        quantize_terms(q->k, q->act_type, x, q1, q->terms == 2 ? q1 + q->act_row_bytes : NULL, len,
+                       q->panel_d ? q->panel_d + pd : NULL, q->panel_s ? q->panel_s + pd : NULL, q->panel_ld);
     }
 }
 
@@ -405,7 +436,7 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         act = (const uint8_t *)x;
         act_row_bytes = cols * 4;
     } else {
-        quantize_task q = {k->quantize_act[act_type], x, buf, cols, n_tok, act_row_bytes,
+        quantize_task q = {k, x, buf, cols, n_tok, act_row_bytes,
                            (cols + QUANT_CHUNK - 1) / QUANT_CHUNK, act_type, gr_block_size(act_type),
                            gr_type_size(act_type), terms, panel_d, panel_s, panel_ld, 0};
         atomic_init(&q.next_unit, 0);

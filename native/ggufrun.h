@@ -69,6 +69,12 @@ int  gr_vec_dot_type(int qtype);
  * reference, and callers reuse a quantized activation. dst holds n / block * type_size bytes. */
 int  gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n);
 
+/* The two terms gr_matmul uses at act precision 2, as two consecutive rows in dst (2 * n / block *
+ * type_size bytes): q1 = the above, q2 = the same format's quantization of x - deq(q1) (0 where deq(q1)
+ * is not finite); for Q8_1, q2's s values are fp16(d1*sum(q1) + d2*sum(q2) - s1), so s1 + s2 is the
+ * exact sum of both terms' values. */
+int  gr_quantize_activation_terms(int act_qtype, const float *x, void *dst, int64_t n);
+
 
 /* ---- ops ---- (native/ops.c: the element-wise and attention math around the matmuls) */
 #define GR_ROPE_NORM 0   /* rotate adjacent pairs (llama-family GGUFs) */

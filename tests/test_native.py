@@ -528,6 +528,59 @@ def reference_matmul_two_terms(w_bytes, qtype, rows, cols, x):
     return y, mag
 
 
+def residual_bytes(x, act):
+    """q2's bytes, from numpy: the float32 residual x - deq(q1) as the C code computes it (0 where
+    deq(q1) is not finite), quantized by the same reference; Q8_1's s replaced by fp16(d1*sum(q1) +
+    d2*sum(q2) - s1)."""
+    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):
+        q1 = ACT_REFS[act](x)
+    if act in (T.F16, T.BF16):
+        deq = gq.dequantize(q1.view(np.uint8), act).astype(np.float32).ravel()
+    elif act in (T.Q8_0, T.Q8_1):
+        bs = 34 if act == T.Q8_0 else 36
+        b = q1.reshape(-1, bs)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        deq = (d * b[:, bs - 32:].view(np.int8).astype(np.float32)).ravel()
+    else:
+        b = q1.reshape(-1, 292)
+        d = b[:, :4].copy().view(np.float32)
+        deq = (d * b[:, 4:260].view(np.int8).astype(np.float32)).ravel()
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = np.where(np.isfinite(deq), x - deq, np.float32(0)).astype(np.float32)
+        r = np.where(np.abs(r) <= np.finfo(np.float32).max, r, np.float32(0)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        q2 = ACT_REFS[act](r)
+    if act == T.Q8_1:
+        b1, b2 = q1.reshape(-1, 36), q2.reshape(-1, 36).copy()
+        d1 = b1[:, :2].copy().view(np.float16).astype(np.float64)
+        d2 = b2[:, :2].copy().view(np.float16).astype(np.float64)
+        s1 = b1[:, 2:4].copy().view(np.float16).astype(np.float64)
+        total = d1 * b1[:, 4:].view(np.int8).sum(axis=1, keepdims=True) + d2 * b2[:, 4:].view(np.int8).sum(axis=1, keepdims=True)
+        s2 = np.where(np.isfinite(s1), (total - s1).astype(np.float32).astype(np.float16), np.float16(0))
+        b2[:, 2:4] = s2.view(np.uint8)
+        q2 = b2.ravel()
+    return q1, q2
+
+
+@pytest.mark.parametrize("act", list(ACT_REFS), ids=lambda t: t.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_terms_bit_exact(act, isa):
+    skip_unless(isa)
+    native.force_isa(isa)
+    x = activation_samples(np.random.default_rng(int(act) + 40), 4096)
+    if act == T.Q8_K:
+        x[:256] = 1.0  # ggml leaves an all-zero Q8_K block's bsums unwritten; keep the reference simple
+    x[1024:1056] = 70000.0  # F16 overflows to inf: a zero residual, not inf - inf
+    with np.errstate(over="ignore"):
+        got1, got2 = native.quantize_activation_terms(x, act)
+    want1, want2 = residual_bytes(x, act)
+    assert np.array_equal(got1, native.quantize_activations(x, act))
+    for got, want, name in ((got1, want1, "q1"), (got2, want2, "q2")):
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, f"{name}: {bad.size} bytes differ, first at {bad[:8]}"
+
+
 @pytest.mark.parametrize("qtype,cols", MATMUL_CASES, ids=[f"{t.name}-{c}" for t, c in MATMUL_CASES])
 @pytest.mark.parametrize("isa", ISAS)
 def test_two_term_matmul_matches_its_float64_reference(qtype, cols, isa):
