@@ -97,4 +97,16 @@ int  gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const in
                   const int32_t *k_pos, float *out, int64_t n_q, int64_t n_head, int64_t n_head_kv,
                   int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap);
 
+/* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
+/* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].
+ * gate_w/up_w/down_w: one pointer per expert (n_expert of each) to its packed rows: gate and up are
+ * n_ff rows of n_embd elements, down n_embd rows of n_ff, of the given quant types. Tokens are grouped
+ * by expert so each active expert runs one matrix product per weight over its tokens (gr_matmul).
+ * limit > 1e-6 clamps as llama.cpp does: up to [-limit, limit], silu(gate) from above at limit.
+ * x: (n_tok, n_embd), y: (n_tok, n_embd), both float32. GR_E_ARG if an id is outside [0, n_expert). */
+int  gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
+                int down_qtype, const void *const *down_w, int64_t n_expert, int64_t n_embd, int64_t n_ff,
+                const float *x, int64_t n_tok, int64_t n_used, const int32_t *ids, const float *weights,
+                float limit, float *y);
+
 #endif

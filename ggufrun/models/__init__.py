@@ -8,6 +8,7 @@ from ..gguf_file import GGUFError, GGUFFile
 ARCHITECTURES = {
     "llama": "llama",
     "gemma3": "gemma3",
+    "step35": "step35",
 }
 
 

@@ -1,0 +1,165 @@
+"""step35: Step-3.5/3.7-Flash. Hybrid sliding-window/global attention with per-layer head counts,
+partial rotary on global layers, q/k norms and a per-head sigmoid gate on the attention output; leading
+dense blocks, then MoE blocks (sigmoid routing with a selection bias, a shared expert, clamped SwiGLU).
+
+`block_count` counts the MTP (nextn) blocks appended at blk.{n_layer + i}; the trunk is the first
+block_count - nextn_predict_layers blocks. The trunk never runs the MTP blocks (speculative drafting
+does); their tensors may be present or not.
+
+Semantics follow llama.cpp's step35 graph: global layers rotate half of rope.dimension_count (default
+the head size) and use rope_freqs.weight if present; sliding layers rotate rope.dimension_count_swa
+(default the unhalved count) with base rope.freq_base_swa and no rope factors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gguf_file import GGUFError, GGUFFile
+from ..kv_cache import LayerCacheSpec
+from ..layers import Attention, AttentionConfig, RopeConfig, small
+from ..moe import GATING_SIGMOID, MoE, ExpertStore, RouterConfig, SwiGLU, sigmoid
+from ..ops import ROPE_NEOX, Linear, attention, rms_norm
+from .base import TransformerLM, hparam, per_layer
+
+SWA_ROPE_BASE = 10000.0   # llama.cpp's default when rope.freq_base_swa is absent
+
+
+@dataclass(frozen=True)
+class Params:
+    n_embd: int
+    n_layer: int              # trunk blocks
+    n_nextn: int              # MTP blocks after the trunk
+    n_head: tuple[int, ...]   # per block, MTP blocks included
+    n_head_kv: tuple[int, ...]
+    head_dim: int
+    head_dim_v: int
+    n_vocab: int
+    norm_eps: float
+    window: int
+    is_swa: tuple[bool, ...]
+    rope_global: RopeConfig
+    rope_swa: RopeConfig
+    n_ff: tuple[int, ...]
+    is_moe: tuple[bool, ...]
+    n_expert: int
+    n_used: tuple[int, ...]
+    n_ff_exp: int
+    n_ff_shexp: int
+    gating: int
+    weights_norm: bool
+    weights_scale: float
+    clamp_exp: tuple[float, ...]
+    clamp_shexp: tuple[float, ...]
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "Params":
+        n_all = hparam(f, "block_count")
+        n_nextn = hparam(f, "nextn_predict_layers", 0)
+        if not 0 <= n_nextn < n_all:
+            raise GGUFError(f"{f.path}: key 'step35.nextn_predict_layers' = {n_nextn} leaves no trunk of"
+                            f" {n_all} blocks")
+        n_layer = n_all - n_nextn
+        n_embd = hparam(f, "embedding_length")
+
+        def arr(key, default=None):
+            v = hparam(f, key) if default is None else hparam(f, key, default)
+            return tuple(per_layer(v, n_all, f"step35.{key}", f))
+
+        n_head = arr("attention.head_count")
+        n_head_kv = arr("attention.head_count_kv", list(n_head))
+        head_dim = hparam(f, "attention.key_length", n_embd // n_head[0])
+        pattern = hparam(f, "attention.sliding_window_pattern")
+        if not isinstance(pattern, list):
+            raise GGUFError(f"{f.path}: key 'step35.attention.sliding_window_pattern' must be a per-layer array")
+        is_swa = tuple(bool(v) for v in per_layer(pattern, n_all, "step35.attention.sliding_window_pattern", f))
+        n_rot = hparam(f, "rope.dimension_count", head_dim)
+        factor = hparam(f, "rope.scaling.factor", 0.0) or hparam(f, "rope.scale_linear", 0.0)
+        ff = f.maybe_tensor("rope_freqs.weight")
+        rope_global = RopeConfig(n_rot // 2, hparam(f, "rope.freq_base", 10000.0), ROPE_NEOX,
+                                 1.0 / factor if factor else 1.0,
+                                 None if ff is None else tuple(ff.dequantize().reshape(-1).tolist()))
+        rope_swa = RopeConfig(hparam(f, "rope.dimension_count_swa", n_rot),
+                              hparam(f, "rope.freq_base_swa", SWA_ROPE_BASE), ROPE_NEOX)
+        is_moe = tuple(f"blk.{i}.ffn_gate_inp.weight" in f for i in range(n_all))
+        any_moe = any(is_moe)
+        return cls(
+            n_embd=n_embd, n_layer=n_layer, n_nextn=n_nextn, n_head=n_head, n_head_kv=n_head_kv,
+            head_dim=head_dim, head_dim_v=hparam(f, "attention.value_length", head_dim),
+            n_vocab=len(f.require("tokenizer.ggml.tokens", list)),
+            norm_eps=hparam(f, "attention.layer_norm_rms_epsilon"),
+            window=hparam(f, "attention.sliding_window"), is_swa=is_swa,
+            rope_global=rope_global, rope_swa=rope_swa,
+            n_ff=arr("feed_forward_length", 0), is_moe=is_moe,
+            n_expert=hparam(f, "expert_count") if any_moe else 0,
+            n_used=arr("expert_used_count") if any_moe else (0,) * n_all,
+            n_ff_exp=hparam(f, "expert_feed_forward_length") if any_moe else 0,
+            n_ff_shexp=hparam(f, "expert_shared_feed_forward_length", 0),
+            gating=hparam(f, "expert_gating_func", GATING_SIGMOID) or GATING_SIGMOID,
+            weights_norm=bool(hparam(f, "expert_weights_norm", False)),
+            weights_scale=float(hparam(f, "expert_weights_scale", 0.0)) or 1.0,
+            clamp_exp=arr("swiglu_clamp_exp", 0.0), clamp_shexp=arr("swiglu_clamp_shexp", 0.0))
+
+    def attention_config(self, i: int) -> AttentionConfig:
+        return AttentionConfig(n_head=self.n_head[i], n_head_kv=self.n_head_kv[i], head_dim_k=self.head_dim,
+                               head_dim_v=self.head_dim_v, rope=self.rope_swa if self.is_swa[i] else self.rope_global,
+                               scale=1.0 / math.sqrt(self.head_dim), window=self.window if self.is_swa[i] else 0,
+                               norm_eps=self.norm_eps)
+
+
+class GatedAttention(Attention):
+    """The shared attention, with each head's output scaled by sigmoid(attn_gate(x)) before attn_output."""
+
+    def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: AttentionConfig):
+        super().__init__(f, prefix, n_embd, cfg)
+        g = f.maybe_tensor(prefix + "attn_gate.weight", (cfg.n_head, n_embd))
+        self.gate = None if g is None else Linear(g)
+
+    def __call__(self, x, positions, cache, layer):
+        c = self.cfg
+        q, k, v = self.qkv(x, positions)
+        keys, values, key_pos = cache.store(layer, positions, k, v)
+        a = attention(q, keys, values, positions, key_pos, c.scale, c.window)
+        if self.gate is not None:
+            n = x.shape[0]
+            a = (a.reshape(n, c.n_head, c.head_dim_v) * sigmoid(self.gate(x))[:, :, None]).reshape(n, -1)
+        return self.wo(a)
+
+
+class Block:
+    def __init__(self, f: GGUFFile, i: int, p: Params, experts: ExpertStore):
+        pre = f"blk.{i}."
+        self.eps = p.norm_eps
+        self.attn_norm = small(f, pre + "attn_norm.weight", (p.n_embd,))
+        self.attn = GatedAttention(f, pre, p.n_embd, p.attention_config(i))
+        self.ffn_norm = small(f, pre + "ffn_norm.weight", (p.n_embd,))
+        if p.is_moe[i]:
+            shared = None
+            if p.n_ff_shexp:
+                shared = SwiGLU(f, pre, "_shexp", p.n_embd, p.n_ff_shexp, p.clamp_shexp[i])
+            router = RouterConfig(p.n_expert, p.n_used[i], p.gating, p.weights_norm, p.weights_scale)
+            self.ffn = MoE(f, pre, i, experts, p.n_embd, p.n_ff_exp, router, p.clamp_exp[i], shared)
+        else:
+            if not p.n_ff[i]:
+                raise GGUFError(f"{f.path}: block {i} is dense but key 'step35.feed_forward_length' is missing")
+            # llama.cpp applies the shared-expert clamp to every SwiGLU FFN of the layer, dense ones too
+            self.ffn = SwiGLU(f, pre, "", p.n_embd, p.n_ff[i], p.clamp_shexp[i])
+
+    def __call__(self, x, positions, cache, i):
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
+        return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+
+
+class Model(TransformerLM):
+    def __init__(self, f: GGUFFile):
+        p = self.params = Params.from_gguf(f)
+        super().__init__(f, p.n_embd, p.n_vocab, p.norm_eps)
+        self.experts = ExpertStore(f)
+        self.blocks = [Block(f, i, p, self.experts) for i in range(p.n_layer)]
+
+    def cache_specs(self):
+        p = self.params
+        return [LayerCacheSpec(p.n_head_kv[i], p.head_dim, p.head_dim_v, p.window if p.is_swa[i] else 0)
+                for i in range(p.n_layer)]

@@ -1,0 +1,228 @@
+"""Mixture-of-experts feed-forward, shared by the MoE architectures.
+
+Python decides, C computes: the router (a few hundred scores per token) and the top-k choice are
+numpy; all selected experts of a batch (gate, up, clamped SwiGLU, down, weighted sum) are one native
+call, `gr_moe_ffn`, which groups tokens by expert so each active expert runs one matrix product.
+
+Every access to routed experts goes through the ExpertStore: it owns the per-expert views (slices of
+the mapped 3-D `ffn_*_exps` tensors, never copies; only the selected experts' bytes are read) and
+counts how often each expert is used, which is what placement (hot experts resident, cold ones left
+mapped) will be decided from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import native
+from .gguf_file import GGUFError, GGUFFile, QTensor
+from .ops import Linear
+
+_lib = native._load()
+_ffi = native._ffi
+
+GATING_SOFTMAX = 1   # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
+GATING_SIGMOID = 2
+# llama.cpp clamps the weight sum from below at the smallest normal float16 before normalising
+_MIN_WEIGHT_SUM = np.float32(6.103515625e-5)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        native._check(rc, what)
+
+
+@dataclass
+class _ExpertLayer:
+    """One layer's routed experts: the three 3-D tensors and a pointer per expert into each."""
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+    n_expert: int
+    n_ff: int
+    n_embd: int
+    ptrs: tuple  # (gate, up, down) cffi `const void *[n_expert]` arrays
+    keep: tuple  # the cffi buffers the pointers point into, alive as long as the pointers
+
+
+class ExpertStore:
+    """The routed experts of a model, by layer, with per-expert use counters."""
+
+    def __init__(self, f: GGUFFile):
+        self.file = f
+        self.layers: dict[int, _ExpertLayer] = {}
+        self.counts: dict[int, np.ndarray] = {}
+        self.tokens: dict[int, int] = {}
+
+    def add_layer(self, il: int, prefix: str, n_expert: int, n_ff: int, n_embd: int) -> None:
+        f = self.file
+        gate = f.tensor(prefix + "ffn_gate_exps.weight", (n_expert, n_ff, n_embd))
+        up = f.tensor(prefix + "ffn_up_exps.weight", (n_expert, n_ff, n_embd))
+        down = f.tensor(prefix + "ffn_down_exps.weight", (n_expert, n_embd, n_ff))
+        ptrs, keep = [], []
+        for t in (gate, up, down):
+            stride = t.nbytes // n_expert
+            base = _ffi.from_buffer("uint8_t[]", t.data)
+            keep.append(base)
+            arr = _ffi.new("void *[]", n_expert)
+            for e in range(n_expert):
+                arr[e] = base + e * stride
+            ptrs.append(arr)
+        self.layers[il] = _ExpertLayer(gate, up, down, n_expert, n_ff, n_embd, tuple(ptrs), tuple(keep))
+        self.counts[il] = np.zeros(n_expert, dtype=np.int64)
+        self.tokens[il] = 0
+
+    def expert(self, il: int, e: int) -> tuple[QTensor, QTensor, QTensor]:
+        """Expert e of layer il as three 2-D QTensors over its slice of the mapped file (no copy)."""
+        L = self.layers[il]
+        if not 0 <= e < L.n_expert:
+            raise IndexError(f"layer {il} has {L.n_expert} experts, not {e}")
+        out = []
+        for t in (L.gate, L.up, L.down):
+            stride = t.nbytes // L.n_expert
+            out.append(QTensor(f"{t.name}[{e}]", t.qtype, t.shape[1:], t.data[e * stride:(e + 1) * stride]))
+        return tuple(out)
+
+    def expert_bytes(self, il: int) -> int:
+        L = self.layers[il]
+        return (L.gate.nbytes + L.up.nbytes + L.down.nbytes) // L.n_expert
+
+    def record(self, il: int, ids: np.ndarray) -> None:
+        self.counts[il] += np.bincount(ids.ravel(), minlength=len(self.counts[il]))
+        self.tokens[il] += ids.shape[0]
+
+    def reset_counts(self) -> None:
+        for il in self.counts:
+            self.counts[il][:] = 0
+            self.tokens[il] = 0
+
+    def ffn(self, il: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, limit: float) -> np.ndarray:
+        """sum_k weights[:, k] * expert_{ids[:, k]}(x): one native call for the whole batch."""
+        L = self.layers[il]
+        self.record(il, ids)
+        return _ffn_call(L.gate.qtype, L.up.qtype, L.down.qtype, L.ptrs, L.n_expert, L.n_embd, L.n_ff, x, ids,
+                         weights, limit)
+
+    def stats(self) -> list[dict]:
+        """Per layer: tokens routed, experts used at least once, the top experts with their share of
+        the selections, and skew (the busiest expert's load over the mean load)."""
+        out = []
+        for il in sorted(self.counts):
+            c = self.counts[il]
+            total = int(c.sum())
+            order = np.argsort(-c, kind="stable")
+            mean = total / len(c) if total else 0.0
+            out.append({"layer": il, "tokens": self.tokens[il], "used": int((c > 0).sum()), "n_expert": len(c),
+                        "top": [(int(e), float(c[e] / total) if total else 0.0) for e in order[:8]],
+                        "skew": float(c.max() / mean) if mean else 0.0})
+        return out
+
+    def report(self, top: int = 4) -> list[str]:
+        lines = []
+        for s in self.stats():
+            tops = " ".join(f"#{e}:{share:.0%}" for e, share in s["top"][:top])
+            lines.append(f"layer {s['layer']:>3}: {s['tokens']} tokens, {s['used']}/{s['n_expert']} experts used,"
+                         f" skew {s['skew']:.2f}, top {tops}")
+        return lines
+
+
+def _ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x, ids, weights, limit) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    n_tok, n_used = ids.shape
+    y = np.empty((n_tok, n_embd), dtype=np.float32)
+    _check(_lib.gr_moe_ffn(int(gq), ptrs[0], int(uq), ptrs[1], int(dq), ptrs[2], n_expert, n_embd, n_ff,
+                           _ffi.from_buffer("float[]", x), n_tok, n_used, _ffi.from_buffer("int32_t[]", ids),
+                           _ffi.from_buffer("float[]", weights), float(limit), _ffi.from_buffer("float[]", y)),
+           "moe_ffn")
+    return y
+
+
+class SwiGLU:
+    """down(swiglu(gate(x), up(x))) with llama.cpp's optional clamp: the shared expert and dense FFNs of
+    MoE models. A one-expert gr_moe_ffn, so the clamp has one implementation."""
+
+    def __init__(self, f: GGUFFile, prefix: str, suffix: str, n_embd: int, n_ff: int, limit: float = 0.0):
+        self.tensors = (f.tensor(f"{prefix}ffn_gate{suffix}.weight", (n_ff, n_embd)),
+                        f.tensor(f"{prefix}ffn_up{suffix}.weight", (n_ff, n_embd)),
+                        f.tensor(f"{prefix}ffn_down{suffix}.weight", (n_embd, n_ff)))
+        self._keep = tuple(_ffi.from_buffer("uint8_t[]", t.data) for t in self.tensors)
+        self.ptrs = tuple(_ffi.new("void *[]", [b]) for b in self._keep)
+        self.n_embd, self.n_ff, self.limit = n_embd, n_ff, limit
+        self._ids = np.zeros((0, 1), dtype=np.int32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        if self._ids.shape[0] < n:
+            self._ids = np.zeros((n, 1), dtype=np.int32)
+        g, u, d = self.tensors
+        return _ffn_call(g.qtype, u.qtype, d.qtype, self.ptrs, 1, self.n_embd, self.n_ff, x, self._ids[:n],
+                         np.ones((n, 1), dtype=np.float32), self.limit)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    n_expert: int
+    n_used: int
+    gating: int = GATING_SOFTMAX
+    norm_weights: bool = False
+    weights_scale: float = 1.0
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+class Router:
+    """Expert choice as llama.cpp's build_moe_ffn makes it: scores = gating(W x); the top n_used of
+    scores + selection bias are chosen; their weights come from the unbiased scores, normalised to sum
+    to one if the file says so, then scaled."""
+
+    def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: RouterConfig):
+        self.cfg = cfg
+        self.w = Linear(f.tensor(prefix + "ffn_gate_inp.weight", (cfg.n_expert, n_embd)))
+        b = f.maybe_tensor(prefix + "exp_probs_b.bias", (cfg.n_expert,))
+        self.bias = None if b is None else b.dequantize().reshape(-1).astype(np.float32)
+        if cfg.gating not in (GATING_SOFTMAX, GATING_SIGMOID):
+            raise GGUFError(f"{f.path}: expert gating function {cfg.gating} is not supported"
+                            f" (1 softmax, 2 sigmoid)")
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cfg
+        logits = self.w(x)
+        if c.gating == GATING_SIGMOID:
+            probs = sigmoid(logits)
+        else:
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            probs = (e / e.sum(-1, keepdims=True)).astype(np.float32)
+        sel = probs + self.bias if self.bias is not None else probs
+        # descending, ties to the lower expert id
+        ids = np.argsort(-sel, axis=-1, kind="stable")[:, :c.n_used].astype(np.int32)
+        w = np.take_along_axis(probs, ids, axis=-1)
+        if c.norm_weights:
+            w = w / np.maximum(w.sum(-1, keepdims=True), _MIN_WEIGHT_SUM)
+        if c.weights_scale not in (0.0, 1.0):
+            w = w * np.float32(c.weights_scale)
+        return ids, w.astype(np.float32)
+
+
+class MoE:
+    """Routed experts (through the store) plus an optional always-on shared expert."""
+
+    def __init__(self, f: GGUFFile, prefix: str, il: int, store: ExpertStore, n_embd: int, n_ff_exp: int,
+                 router: RouterConfig, limit_exp: float = 0.0, shared: SwiGLU | None = None):
+        self.il = il
+        self.store = store
+        self.router = Router(f, prefix, n_embd, router)
+        store.add_layer(il, prefix, router.n_expert, n_ff_exp, n_embd)
+        self.limit = limit_exp
+        self.shared = shared
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        ids, w = self.router(x)
+        y = self.store.ffn(self.il, x, ids, w, self.limit)
+        if self.shared is not None:
+            y += self.shared(x)
+        return y

@@ -1,0 +1,98 @@
+/* Mixture-of-experts feed-forward: every selected expert of a batch in one call.
+ *
+ * Python routes (top-k of a few hundred scores is cheap there) and hands over the token -> expert
+ * assignment with its weights; this file groups the tokens by expert, so each active expert does one
+ * matrix-matrix product per weight (gate, up, down) over all the tokens that chose it, applies the
+ * (optionally clamped) SwiGLU, and accumulates the weighted outputs. Products go through gr_matmul, so
+ * the quant types, activation precision and threading are exactly those of every other matmul.
+ *
+ * Experts are addressed by pointer, one per expert per weight: the caller decides where an expert's
+ * bytes live (a slice of the mapped 3-D tensor today, a resident copy for hot experts later). Only
+ * the selected experts' bytes are read.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ggufrun.h"
+
+/* llama.cpp's clamped SwiGLU (build_moe_ffn / build_ffn with a per-layer limit): up is clamped to
+ * [-limit, limit] and silu(gate) from above at limit, after the activation. limit <= 1e-6: plain. */
+static void swiglu(float *g, const float *u, int64_t n, float limit) {
+    if (limit > 1e-6f) {
+        for (int64_t i = 0; i < n; i++) {
+            float a = g[i] / (1.0f + expf(-g[i]));
+            float b = u[i];
+            a = a > limit ? limit : a;
+            b = b > limit ? limit : (b < -limit ? -limit : b);
+            g[i] = a * b;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
+               int down_qtype, const void *const *down_w, int64_t n_expert, int64_t n_embd, int64_t n_ff,
+               const float *x, int64_t n_tok, int64_t n_used, const int32_t *ids, const float *weights,
+               float limit, float *y) {
+    if (n_expert <= 0 || n_embd <= 0 || n_ff <= 0 || n_tok <= 0 || n_used <= 0) return GR_E_SHAPE;
+    int bs_g = gr_block_size(gate_qtype), bs_u = gr_block_size(up_qtype), bs_d = gr_block_size(down_qtype);
+    if (!bs_g || !bs_u || !bs_d) return GR_E_QTYPE;
+    if (n_embd % bs_g || n_embd % bs_u || n_ff % bs_d) return GR_E_SHAPE;
+    const int64_t n_pairs = n_tok * n_used;
+    for (int64_t i = 0; i < n_pairs; i++)
+        if (ids[i] < 0 || ids[i] >= n_expert) return GR_E_ARG;
+    const int64_t gate_rb = n_embd / bs_g * gr_type_size(gate_qtype);
+    const int64_t up_rb = n_embd / bs_u * gr_type_size(up_qtype);
+    const int64_t down_rb = n_ff / bs_d * gr_type_size(down_qtype);
+
+    /* Counting sort of the (token, slot) pairs by expert: order[] lists pair indices expert by expert. */
+    int64_t *start = calloc((size_t)n_expert + 1, sizeof(int64_t));
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)n_pairs);
+    int64_t max_rows = 0;
+    if (!start || !order) { free(start); free(order); return GR_E_NOMEM; }
+    for (int64_t i = 0; i < n_pairs; i++) start[ids[i] + 1]++;
+    for (int64_t e = 0; e < n_expert; e++) {
+        if (start[e + 1] > max_rows) max_rows = start[e + 1];
+        start[e + 1] += start[e];
+    }
+    {
+        int64_t *fill = malloc(sizeof(int64_t) * (size_t)n_expert);
+        if (!fill) { free(start); free(order); return GR_E_NOMEM; }
+        memcpy(fill, start, sizeof(int64_t) * (size_t)n_expert);
+        for (int64_t i = 0; i < n_pairs; i++) order[fill[ids[i]]++] = i;
+        free(fill);
+    }
+
+    /* Scratch for the largest expert group: gathered inputs, gate, up, down outputs. */
+    float *xs = malloc(sizeof(float) * (size_t)(max_rows * n_embd));
+    float *g = malloc(sizeof(float) * (size_t)(max_rows * n_ff));
+    float *u = malloc(sizeof(float) * (size_t)(max_rows * n_ff));
+    float *d = malloc(sizeof(float) * (size_t)(max_rows * n_embd));
+    int rc = GR_OK;
+    if (!xs || !g || !u || !d) { rc = GR_E_NOMEM; goto done; }
+
+    memset(y, 0, sizeof(float) * (size_t)(n_tok * n_embd));
+    for (int64_t e = 0; e < n_expert; e++) {
+        const int64_t n = start[e + 1] - start[e];
+        if (!n) continue;
+        const int64_t *pairs = order + start[e];
+        for (int64_t r = 0; r < n; r++)
+            memcpy(xs + r * n_embd, x + pairs[r] / n_used * n_embd, sizeof(float) * (size_t)n_embd);
+        if ((rc = gr_matmul(gate_qtype, gate_w[e], n_ff, n_embd, gate_rb, xs, n, g)) != GR_OK) goto done;
+        if ((rc = gr_matmul(up_qtype, up_w[e], n_ff, n_embd, up_rb, xs, n, u)) != GR_OK) goto done;
+        swiglu(g, u, n * n_ff, limit);
+        if ((rc = gr_matmul(down_qtype, down_w[e], n_embd, n_ff, down_rb, g, n, d)) != GR_OK) goto done;
+        /* experts are visited in id order, so a token's sum does not depend on the batch around it */
+        for (int64_t r = 0; r < n; r++) {
+            const float w = weights[pairs[r]];
+            float *yt = y + pairs[r] / n_used * n_embd;
+            const float *dr = d + r * n_embd;
+            for (int64_t c = 0; c < n_embd; c++) yt[c] += w * dr[c];
+        }
+    }
+done:
+    free(xs); free(g); free(u); free(d);
+    free(start); free(order);
+    return rc;
+}
