@@ -314,6 +314,12 @@ static void run_matmul(void *p, int ith, int nth) {
 #define GEMM_MIN_ACTS 4
 /* Activation rows of one work unit: as many as fit this budget (they are reread for every panel). */
 #define GEMM_ACT_BUDGET (192 * 1024)
+/* Columns are split into chunks of this many elements (a multiple of every block size) when there are
+ * more: a panel of 8 rows x 14336 K-quant columns is 160 KiB and would leave room for only a few
+ * activation rows per pack; per chunk the panel stays in L1/L2 and a unit holds dozens of rows. */
+#ifndef GEMM_K_CHUNK
+#define GEMM_K_CHUNK 4096
+#endif
 
 typedef struct {
     const gr_gemm_ops *ops;
@@ -324,9 +330,22 @@ typedef struct {
     size_t panel_stride;
     int64_t rows, cols, row_stride, n_act;
     int64_t unit_rows, unit_acts, row_units, n_units;
+    int64_t k_chunk, w_block, w_type_size, a_block, a_type_size;
+    float *sums;        /* per thread: tile_rows x unit_acts partial sums over column chunks */
+    size_t sums_stride; /* floats */
     int terms;
     atomic_llong next_unit;
 } gemm_task;
+
+static void store_tile(const gemm_task *g, int64_t r, int64_t a, int nr, int na, const float *c, int ldc) {
+    for (int i = 0; i < nr; i++) {
+        if (g->terms == 1) {
+            for (int j = 0; j < na; j++) g->y[(a + j) * g->rows + r + i] = c[i * ldc + j];
+        } else {  /* a and na are even: both terms of each token are here */
+            for (int j = 0; j < na; j += 2) g->y[(a + j) / 2 * g->rows + r + i] = c[i * ldc + j] + c[i * ldc + j + 1];
+        }
+    }
+}
 
 /* Work units are (row range, activation range) pairs claimed dynamically, activation-range major so
  * the threads share one range of activations in cache while they sweep the rows. Within a unit each
@@ -345,19 +364,36 @@ static void run_gemm(void *p, int ith, int nth) {
         int64_t a1 = a0 + g->unit_acts < g->n_act ? a0 + g->unit_acts : g->n_act;
         for (int64_t r = r0; r < r1; r += R) {
             int nr = r1 - r < R ? (int)(r1 - r) : R;
-            g->ops->pack(g->w + r * g->row_stride, g->row_stride, nr, g->cols, panel);
-            for (int64_t a = a0; a < a1; a += T) {
-                int na = a1 - a < T ? (int)(a1 - a) : T;
-                g->ops->tile(nr, na, g->cols, panel, &g->ap, a, c);
-                for (int i = 0; i < nr; i++) {
-                    if (g->terms == 1) {
-                        for (int j = 0; j < na; j++) g->y[(a + j) * g->rows + r + i] = c[i * na + j];
-                    } else {  /* a and na are even: both terms of each token are in this tile */
-                        for (int j = 0; j < na; j += 2)
-                            g->y[(a + j) / 2 * g->rows + r + i] = c[i * na + j] + c[i * na + j + 1];
-                    }
+            const uint8_t *wr = g->w + r * g->row_stride;
+            if (g->cols <= g->k_chunk) {
+                g->ops->pack(wr, g->row_stride, nr, g->cols, panel);
+                for (int64_t a = a0; a < a1; a += T) {
+                    int na = a1 - a < T ? (int)(a1 - a) : T;
+                    g->ops->tile(nr, na, g->cols, panel, &g->ap, a, c);
+                    store_tile(g, r, a, nr, na, c, na);
+                }
+                continue;
+            }
+            /* column chunks: partial sums per (row, activation row) of the unit, added in chunk order */
+            float *sums = g->sums + (size_t)ith * g->sums_stride;
+            const int64_t ld = a1 - a0;
+            for (int64_t k0 = 0; k0 < g->cols; k0 += g->k_chunk) {
+                int64_t len = g->cols - k0 < g->k_chunk ? g->cols - k0 : g->k_chunk;
+                g->ops->pack(wr + k0 / g->w_block * g->w_type_size, g->row_stride, nr, len, panel);
+                gr_act_panel ap = g->ap;
+                ap.act += k0 / g->a_block * g->a_type_size;
+                if (ap.d) { ap.d += k0 / 32 * ap.ld; ap.s += k0 / 32 * ap.ld; }
+                for (int64_t a = a0; a < a1; a += T) {
+                    int na = a1 - a < T ? (int)(a1 - a) : T;
+                    g->ops->tile(nr, na, len, panel, &ap, a, c);
+                    for (int i = 0; i < nr; i++)
+                        for (int j = 0; j < na; j++) {
+                            float *dst = &sums[i * ld + (a - a0) + j];
+                            *dst = k0 == 0 ? c[i * na + j] : *dst + c[i * na + j];
+                        }
                 }
             }
+            store_tile(g, r, a0, nr, (int)ld, sums, (int)ld);
         }
     }
 }
@@ -427,8 +463,19 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         panel_ld = (n_act + 8 + 15) & ~(int64_t)15;
         panel_arrays = align64((size_t)(cols / 32) * (size_t)panel_ld * sizeof(float));
     }
-    if (tiled) panel_stride = align64(ops->panel_bytes(cols));
-    uint8_t *buf = scratch_reserve(64 + act_bytes + 2 * panel_arrays + (size_t)nth * panel_stride);
+    int64_t k_chunk = cols, unit_acts = 0;
+    size_t sums_stride = 0;
+    if (tiled) {
+        int64_t T = ops->tile_acts;
+        if (cols > GEMM_K_CHUNK) k_chunk = GEMM_K_CHUNK;
+        unit_acts = GEMM_ACT_BUDGET / row_bytes(act_type, k_chunk) / T * T;
+        if (unit_acts < T) unit_acts = T;
+        if (unit_acts > n_act) unit_acts = (n_act + T - 1) / T * T;
+        panel_stride = align64(ops->panel_bytes(k_chunk));
+        if (k_chunk < cols) sums_stride = (size_t)ops->tile_rows * (size_t)unit_acts;
+    }
+    size_t sums_bytes = align64(sums_stride * sizeof(float));
+    uint8_t *buf = scratch_reserve(64 + act_bytes + 2 * panel_arrays + (size_t)nth * (panel_stride + sums_bytes));
     if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
     float *panel_d = panel_arrays ? (float *)(buf + act_bytes) : NULL;
     float *panel_s = panel_arrays ? (float *)(buf + act_bytes + panel_arrays) : NULL;
@@ -453,11 +500,13 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         g.y = y;
         g.panels = buf + act_bytes + 2 * panel_arrays;
         g.panel_stride = panel_stride;
+        g.sums = (float *)(g.panels + (size_t)nth * panel_stride);
+        g.sums_stride = sums_bytes / sizeof(float);
+        g.k_chunk = k_chunk;
+        g.w_block = bs; g.w_type_size = gr_type_size(qtype);
+        g.a_block = gr_block_size(act_type); g.a_type_size = gr_type_size(act_type);
         g.rows = rows; g.cols = cols; g.row_stride = row_stride; g.n_act = n_act; g.terms = terms;
-        int64_t R = ops->tile_rows, T = ops->tile_acts;
-        int64_t ua = GEMM_ACT_BUDGET / act_row_bytes / T * T;
-        if (ua < T) ua = T;
-        if (ua > n_act) ua = (n_act + T - 1) / T * T;
+        int64_t R = ops->tile_rows, ua = unit_acts;
         int64_t act_units = (n_act + ua - 1) / ua;
         /* ~8 units per thread for balance when the rows allow it */
         int64_t want_row_units = ((int64_t)parallel * 8 + act_units - 1) / act_units;

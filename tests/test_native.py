@@ -430,7 +430,8 @@ def test_isa_selection():
 # ----------------------------------------------------------------- tiled prefill (n_tok > 1) path
 
 TILED_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
-TILED_CASES = [(t, c) for t in TILED_TYPES for c in ([352, 1024] if native.block_size(t) == 32 else [256, 1280])]
+# the last column count of each is above the driver's column chunk (4096): partial sums over chunks
+TILED_CASES = [(t, c) for t in TILED_TYPES for c in ([352, 1024, 4448] if native.block_size(t) == 32 else [256, 1280, 4608])]
 
 
 @pytest.mark.parametrize("qtype,cols", TILED_CASES, ids=[f"{t.name}-{c}" for t, c in TILED_CASES])
@@ -467,7 +468,7 @@ def test_tiled_matmul_large_batches_and_thread_counts(qtype):
     """Enough tokens and columns for several activation ranges per matmul (the driver splits them to fit
     cache), with results independent of the thread count."""
     rng = np.random.default_rng(int(qtype) + 3)
-    rows, cols, n_tok = 67, 4096, 200
+    rows, cols, n_tok = 67, 6144, 200
     w = sane_blocks(qtype, rows * cols, rng)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     for precision in (1, 2):
