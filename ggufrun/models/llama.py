@@ -9,6 +9,7 @@ import numpy as np
 from ..gguf_file import GGUFFile
 from ..kv_cache import LayerCacheSpec
 from ..layers import Attention, AttentionConfig, GatedFFN, RopeConfig, small
+from ..moe import GATING_SOFTMAX, ExpertStore, MoE, RouterConfig
 from ..ops import ROPE_NORM, rms_norm
 from .base import TransformerLM, hparam
 
@@ -24,6 +25,9 @@ class Params:
     n_vocab: int
     norm_eps: float
     rope: RopeConfig
+    n_expert: int = 0          # Mixtral-style MoE files of the llama architecture
+    n_expert_used: int = 0
+    expert_weights_scale: float = 1.0
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "Params":
@@ -41,17 +45,25 @@ class Params:
         return cls(n_embd=n_embd, n_layer=hparam(f, "block_count"), n_head=n_head,
                    n_head_kv=hparam(f, "attention.head_count_kv", n_head), head_dim=head_dim,
                    n_ff=hparam(f, "feed_forward_length"), n_vocab=n_vocab,
-                   norm_eps=hparam(f, "attention.layer_norm_rms_epsilon"), rope=rope)
+                   norm_eps=hparam(f, "attention.layer_norm_rms_epsilon"), rope=rope,
+                   n_expert=hparam(f, "expert_count", 0), n_expert_used=hparam(f, "expert_used_count", 0),
+                   expert_weights_scale=hparam(f, "expert_weights_scale", 1.0))
 
 
 class Block:
-    def __init__(self, f: GGUFFile, i: int, p: Params, attn_cfg: AttentionConfig):
+    def __init__(self, f: GGUFFile, i: int, p: Params, attn_cfg: AttentionConfig, experts: ExpertStore):
         pre = f"blk.{i}."
         self.eps = p.norm_eps
         self.attn_norm = small(f, pre + "attn_norm.weight", (p.n_embd,))
         self.attn = Attention(f, pre, p.n_embd, attn_cfg)
         self.ffn_norm = small(f, pre + "ffn_norm.weight", (p.n_embd,))
-        self.ffn = GatedFFN(f, pre, p.n_embd, p.n_ff, "silu")
+        if p.n_expert and pre + "ffn_gate_inp.weight" in f:
+            # Mixtral: softmax router over all experts, top-k, weights renormalised over the chosen
+            router = RouterConfig(p.n_expert, p.n_expert_used, GATING_SOFTMAX, norm_weights=True,
+                                  weights_scale=p.expert_weights_scale)
+            self.ffn = MoE(f, pre, i, experts, p.n_embd, p.n_ff, router)
+        else:
+            self.ffn = GatedFFN(f, pre, p.n_embd, p.n_ff, "silu")
 
     def __call__(self, x, positions, cache, i):
         h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
@@ -64,7 +76,8 @@ class Model(TransformerLM):
         super().__init__(f, p.n_embd, p.n_vocab, p.norm_eps)
         self.attn_cfg = AttentionConfig(n_head=p.n_head, n_head_kv=p.n_head_kv, head_dim_k=p.head_dim,
                                         head_dim_v=p.head_dim, rope=p.rope, scale=1.0 / math.sqrt(p.head_dim))
-        self.blocks = [Block(f, i, p, self.attn_cfg) for i in range(p.n_layer)]
+        self.experts = ExpertStore(f)
+        self.blocks = [Block(f, i, p, self.attn_cfg, self.experts) for i in range(p.n_layer)]
 
     def cache_specs(self):
         p = self.params
