@@ -806,6 +806,26 @@ def test_matmul_matches_llama_cpp_vec_dot(ggml_cpu, qtype):
     assert np.all(err <= RTOL * mag), f"worst relative difference {np.max(err / mag):.2e}"
 
 
+# ------------------------------------------------------- AVX-512 VNNI code paths, emulated on AVX2
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_vnni_kernels_under_avx2_emulation(tmp_path):
+    """The AVX-512 build differs from the AVX2 one in its GR_USE_VNNI branches (vpdpbusd instead of
+    vpmaddubsw + vpmaddwd). Where the CPU has no AVX-512, tests/vnni_emulation.c compiles that build
+    with an exact AVX2 emulation of vpdpbusd and checks its tiles and gemv against the scalar kernels."""
+    if "avx2" not in AVAILABLE:
+        pytest.skip("needs an AVX2 CPU to run the emulation")
+    native._load()  # the library's objects (built with it) supply dispatch and the scalar reference
+    exe = tmp_path / "vnni_emulation"
+    objs = [str(NATIVE_DIR / "build" / f) for f in ("dispatch.o", "threadpool.o", "kernels_scalar.o", "kernels_avx2.o")]
+    build = subprocess.run(["gcc", "-O1", "-std=gnu11", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c",
+                            f"-I{NATIVE_DIR}", "-o", str(exe), str(Path(__file__).resolve().parent / "vnni_emulation.c"),
+                            *objs, "-lm", "-pthread"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "vnni emulation: ok" in run.stdout, run.stdout[-3000:] + run.stderr
+
+
 # ------------------------------------------------------------------ NEON, cross-compiled, under qemu
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
