@@ -212,8 +212,6 @@ static uint8_t *scratch_reserve(size_t n) {
 
 #define QUANT_CHUNK 4096  /* elements per quantization work unit; a multiple of every block size */
 
-/* Activation rows: token t's term k (k < terms) at act + (t * terms + k) * act_row_bytes, so with two
- * terms the residual row directly follows its token's first row. */
 /* The activation terms of n floats at x (see gr_quantize_terms_fn), from the table's fused function or
  * composed from the single-term quantizer and the shared residual helpers. */
 static void quantize_terms(const gr_kernels *k, int act_type, const float *x, uint8_t *q1, uint8_t *q2, int64_t n,
@@ -238,6 +236,8 @@ static void quantize_terms(const gr_kernels *k, int act_type, const float *x, ui
     }
 }
 
+/* Activation rows: token t's term k (k < terms) at act + (t * terms + k) * act_row_bytes, so with two
+ * terms the residual row directly follows its token's first row. */
 typedef struct {
     const gr_kernels *k;
     const float *x;
@@ -309,9 +309,11 @@ static void run_matmul(void *p, int ith, int nth) {
 
 /* ---------------------------------------------------------------- tiled matmul (prefill) */
 
-/* The tiled path needs this many activation rows (tokens x terms) to beat a vec_dot per (row, token):
+/* The tiled path needs this many activation rows (tokens x terms) to beat the decode kernels (gemv):
  * below it, packing a panel costs more than the tiles save. */
+#ifndef GEMM_MIN_ACTS
 #define GEMM_MIN_ACTS 4
+#endif
 /* Activation rows of one work unit: as many as fit this budget (they are reread for every panel). */
 #define GEMM_ACT_BUDGET (192 * 1024)
 /* Columns are split into chunks of this many elements (a multiple of every block size) when there are
