@@ -76,6 +76,10 @@ def cmd_run(a) -> int:
     if a.verbose or sys.stderr.isatty():
         print(f"[prompt {s.prompt_tokens} tokens {s.prompt_tps:.1f} t/s | generated {s.generated_tokens} tokens"
               f" {s.generate_tps:.1f} t/s | stop: {s.stop_reason}]", file=sys.stderr)
+    if a.expert_stats:
+        experts = getattr(llm.model, "experts", None)
+        lines = experts.report(top=8) if experts is not None and experts.layers else ["(no routed experts in this model)"]
+        print("expert use (prompt and generated tokens):", *lines, sep="\n", file=sys.stderr)
     return 0
 
 
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--expert-stats", action="store_true",
+                   help="after generating, print per-layer routed-expert use (top experts, skew) to stderr")
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_run)
 

@@ -38,6 +38,10 @@ def describe(f: GGUFFile) -> dict[str, Any]:
     n_nextn = md.get(f"{arch}.nextn_predict_layers", 0)
     n_expert = md.get(f"{arch}.expert_count", 0)
     n_used = md.get(f"{arch}.expert_used_count", 0)
+    if isinstance(n_used, list):  # per layer: the bytes estimate takes the trunk's largest
+        n_used = max(n_used)
+    # llama.cpp's block_count includes the MTP (nextn) blocks appended after the trunk
+    n_trunk = n_layer - n_nextn if 0 < n_nextn < n_layer else n_layer
 
     by_type: dict[str, int] = defaultdict(int)
     routed = always = mtp = embd = 0
@@ -50,7 +54,7 @@ def describe(f: GGUFFile) -> dict[str, Any]:
             n_el *= d
         params += n_el
         layer = _layer_of(name)
-        if layer is not None and layer >= n_layer and n_nextn:
+        if layer is not None and layer >= n_trunk and n_nextn:
             mtp += t.nbytes
             continue
         if ROUTED_RE.search(name):
@@ -92,7 +96,7 @@ def describe(f: GGUFFile) -> dict[str, Any]:
         "bytes_per_token": int(per_token),
         "active_parameters": int(active_params),
     }
-    layout = _layer_layout(f, n_layer)
+    layout = _layer_layout(f, n_trunk) + ["mtp"] * (n_layer - n_trunk)
     if layout:
         out["layers"] = layout
     return out

@@ -188,3 +188,27 @@ def test_missing_key_is_named(tmp_path, key):
     path = _write_without(tmp_path, drop_key=key)
     with pytest.raises(GGUFError, match=key.replace(".", r"\.")):
         ggufrun.load(str(path), n_ctx=64)
+
+
+def test_info_counts_mtp_blocks_and_routed_share(files):
+    from ggufrun.gguf_file import GGUFFile
+    from ggufrun.info import describe
+    cfg = step35_tiny.CONFIGS["wide-swa"]
+    with GGUFFile(files[("wide-swa", "F32")]) as f:
+        d = describe(f)
+        exps = sum(t.nbytes for n, t in f.tensor_infos.items()
+                   if "_exps." in n and int(n.split(".")[1]) < cfg.n_layer)
+    assert d["layers"][:cfg.n_dense] == ["dense/global", "dense/swa"]
+    assert d["layers"][cfg.n_layer:] == ["mtp"] * cfg.n_nextn
+    assert d["mtp_bytes"] > 0 and d["routed_expert_bytes"] == exps
+    embd_row = cfg.n_embd * 4
+    assert d["bytes_per_token"] == int(d["always_active_bytes"] + embd_row + exps * cfg.n_used / cfg.n_expert)
+
+
+def test_cli_expert_stats(files, capsys):
+    from ggufrun import cli
+    assert cli.main(["run", "-m", str(files[("mha-mqa", "F32")]), "-p", "Hello there", "-n", "4", "--temp", "0",
+                     "--expert-stats"]) == 0
+    err = capsys.readouterr().err
+    assert "expert use" in err
+    assert sum(line.startswith("layer") for line in err.splitlines()) == 4  # the MoE trunk layers
