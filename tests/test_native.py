@@ -14,6 +14,9 @@
 - act precision 2 (two-term activations): the same round-trip check with both terms rebuilt in numpy,
   and the error against the exact float64 product of the dequantized weights with the unquantized
   activations, which must be at least 100x below act precision 1's.
+- prefill tiles and decode kernels (gemv): a batch must agree with one token at a time and with the
+  references, bit for bit with any other batch containing the same token, for any thread count; the
+  AVX-512 VNNI variant runs under an exact AVX2 emulation of vpdpbusd where the CPU lacks it.
 """
 from __future__ import annotations
 
