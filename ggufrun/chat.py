@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -227,6 +228,10 @@ class ChatSession:
             return "\n".join(lines)
 
     def repl(self) -> int:
+        # Ctrl-C must reach us even when started from a context that ignores SIGINT (a background job
+        # of a non-interactive shell hands that disposition down, and Python then never raises
+        # KeyboardInterrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         _setup_readline()
         self.say(f"ggufrun chat with {os.path.basename(self.llm.path)} ({self.llm.file.arch}); /help for commands\n")
         while True:
