@@ -15,22 +15,6 @@
 #include <string.h>
 #include "ggufrun.h"
 
-/* llama.cpp's clamped SwiGLU (build_moe_ffn / build_ffn with a per-layer limit): up is clamped to
- * [-limit, limit] and silu(gate) from above at limit, after the activation. limit <= 1e-6: plain. */
-static void swiglu(float *g, const float *u, int64_t n, float limit) {
-    if (limit > 1e-6f) {
-        for (int64_t i = 0; i < n; i++) {
-            float a = g[i] / (1.0f + expf(-g[i]));
-            float b = u[i];
-            a = a > limit ? limit : a;
-            b = b > limit ? limit : (b < -limit ? -limit : b);
-            g[i] = a * b;
-        }
-    } else {
-        for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-}
-
 int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
                int down_qtype, const void *const *down_w, int64_t n_expert, int64_t n_embd, int64_t n_ff,
                const float *x, int64_t n_tok, int64_t n_used, const int32_t *ids, const float *weights,
@@ -81,7 +65,7 @@ int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
             memcpy(xs + r * n_embd, x + pairs[r] / n_used * n_embd, sizeof(float) * (size_t)n_embd);
         if ((rc = gr_matmul(gate_qtype, gate_w[e], n_ff, n_embd, gate_rb, xs, n, g)) != GR_OK) goto done;
         if ((rc = gr_matmul(up_qtype, up_w[e], n_ff, n_embd, up_rb, xs, n, u)) != GR_OK) goto done;
-        swiglu(g, u, n * n_ff, limit);
+        gr_glu(g, u, g, n * n_ff, GR_ACT_SILU, limit > 1e-6f ? limit : 0.0f);
         if ((rc = gr_matmul(down_qtype, down_w[e], n_embd, n_ff, down_rb, g, n, d)) != GR_OK) goto done;
         /* experts are visited in id order, so a token's sum does not depend on the batch around it */
         for (int64_t r = 0; r < n; r++) {

@@ -190,14 +190,15 @@ static inline float gelu_f(float x) {
 
 int gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp) {
     if (n <= 0) return GR_E_SHAPE;
-    /* clamp > 0: Step-3.5's clamped SwiGLU (gate clamped from above, up to [-clamp, clamp]) */
+    /* clamp > 0: Step-3.5's clamped SwiGLU as llama.cpp builds it: the activated gate is capped from
+     * above at clamp (after the activation), up is clipped to [-clamp, clamp]. */
     for (int64_t i = 0; i < n; i++) {
-        float g = gate[i], u = up[i];
+        float a = act == GR_ACT_GELU ? gelu_f(gate[i]) : silu_f(gate[i]), u = up[i];
         if (clamp > 0.0f) {
-            g = g > clamp ? clamp : g;
+            a = a > clamp ? clamp : a;
             u = u > clamp ? clamp : (u < -clamp ? -clamp : u);
         }
-        out[i] = (act == GR_ACT_GELU ? gelu_f(g) : silu_f(g)) * u;
+        out[i] = a * u;
     }
     return GR_OK;
 }
