@@ -171,8 +171,8 @@ typedef float (*gr_vec_dot2_fn)(int64_t n, const void *w, const void *a1, const 
  * into dst1 and, when dst2 is not NULL, q2 = quantize(x - deq(q1)) into dst2 (gr_act_residual's
  * rules, Q8_1's s2 from gr_q8_1_residual_sums), bit for bit what the separate steps give. When d is
  * not NULL (Q8_0/Q8_1), block k's scale and sum (as gr_act_panel_scales computes them) of q1 go to
- * d[k * ld], s[k * ld] and those of q2 to d[k * ld + 1], s[k * ld + 1]. NULL in a table: dispatch
- * composes quantize_act, gr_act_residual and gr_act_panel_scales. */
+ * d[k], s[k] and those of q2 to d[ld + k], s[ld + k]. NULL in a table: dispatch composes
+ * quantize_act, gr_act_residual and gr_act_panel_scales. */
 typedef void  (*gr_quantize_terms_fn)(const float *x, void *dst1, void *dst2, int64_t n, float *d, float *s, int64_t ld);
 
 /* Prefill (several activation rows) runs register-tiled micro-kernels where an ISA has them for a type.
@@ -184,9 +184,10 @@ typedef void  (*gr_quantize_terms_fn)(const float *x, void *dst1, void *dst2, in
 typedef struct {
     const uint8_t *act;         /* n_act activation rows of act_row_bytes, in the weight type's format */
     int64_t act_row_bytes;
-    /* 32-element formats (Q8_0/Q8_1) only, so kernels load a tile's scales as one vector: block k of
-     * act row a has scale d[k * ld + a] and block sum s[k * ld + a] (Q8_0: d * sum(q), Q8_1: its s);
-     * ld >= n_act + 8 so an 8-float load from any row stays inside. */
+    /* 32-element formats (Q8_0/Q8_1) only, as floats so kernels need no fp16 conversion: block k of
+     * act row a has scale d[a * ld + k] and block sum s[a * ld + k] (Q8_0: d * sum(q), Q8_1: its s);
+     * ld >= blocks + 8 and the 8 floats after each row's blocks are 0, so the decode kernels may load
+     * 8 consecutive blocks' values from any block. */
     const float *d, *s;
     int64_t ld;
 } gr_act_panel;

@@ -229,10 +229,8 @@ static void quantize_terms(const gr_kernels *k, int act_type, const float *x, ui
         }
     }
     if (d) {
-        int64_t row = n / 32 * gr_type_size(act_type);
-        /* gr_act_panel_scales reads rows at multiples of a row stride: the two terms are two rows */
-        gr_act_panel_scales(act_type, q1, row, 0, n / 32, 0, 1, d, s, ld);
-        if (q2) gr_act_panel_scales(act_type, q2, row, 0, n / 32, 0, 1, d + 1, s + 1, ld);
+        gr_act_panel_scales(act_type, q1, 0, 0, n / 32, 0, 1, d, s, ld);
+        if (q2) gr_act_panel_scales(act_type, q2, 0, 0, n / 32, 0, 1, d + ld, s + ld, ld);
     }
 }
 
@@ -259,7 +257,7 @@ static void run_quantize(void *p, int ith, int nth) {
         int64_t len = q->cols - c0 < QUANT_CHUNK ? q->cols - c0 : QUANT_CHUNK;
         const float *x = q->x + t * q->cols + c0;
         uint8_t *q1 = q->act + t * q->terms * q->act_row_bytes + c0 / q->act_block * q->act_type_size;
-        int64_t pd = c0 / 32 * q->panel_ld + t * q->terms;
+        int64_t pd = t * q->terms * q->panel_ld + c0 / 32;
         quantize_terms(q->k, q->act_type, x, q1, q->terms == 2 ? q1 + q->act_row_bytes : NULL, len,
                        q->panel_d ? q->panel_d + pd : NULL, q->panel_s ? q->panel_s + pd : NULL, q->panel_ld);
     }
@@ -384,7 +382,7 @@ static void run_gemm(void *p, int ith, int nth) {
                 g->ops->pack(wr + k0 / g->w_block * g->w_type_size, g->row_stride, nr, len, panel);
                 gr_act_panel ap = g->ap;
                 ap.act += k0 / g->a_block * g->a_type_size;
-                if (ap.d) { ap.d += k0 / 32 * ap.ld; ap.s += k0 / 32 * ap.ld; }
+                if (ap.d) { ap.d += k0 / 32; ap.s += k0 / 32; }
                 for (int64_t a = a0; a < a1; a += T) {
                     int na = a1 - a < T ? (int)(a1 - a) : T;
                     g->ops->tile(nr, na, len, panel, &ap, a, c);
@@ -462,8 +460,8 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         act_bytes = align64((size_t)(act_row_bytes * n_act));
     }
     if ((tiled || use_gemv) && (act_type == GR_T_Q8_0 || act_type == GR_T_Q8_1)) {
-        panel_ld = (n_act + 8 + 15) & ~(int64_t)15;
-        panel_arrays = align64((size_t)(cols / 32) * (size_t)panel_ld * sizeof(float));
+        panel_ld = (cols / 32 + 8 + 15) & ~(int64_t)15;
+        panel_arrays = align64((size_t)n_act * (size_t)panel_ld * sizeof(float));
     }
     int64_t k_chunk = cols, unit_acts = 0;
     size_t sums_stride = 0;
@@ -491,6 +489,9 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         atomic_init(&q.next_unit, 0);
         gr_pool_run_dynamic(run_quantize, &q, n_tok * cols * terms >= 4 * QUANT_CHUNK ? parallel : 1);
         act = buf;
+        if (panel_d)  /* the zero tail after each row's blocks (see gr_act_panel) */
+            for (int64_t a = 0; a < n_act; a++)
+                for (int64_t k = cols / 32; k < panel_ld; k++) panel_d[a * panel_ld + k] = panel_s[a * panel_ld + k] = 0.f;
     }
 
     if (tiled) {

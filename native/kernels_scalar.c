@@ -339,15 +339,15 @@ void gr_act_panel_scales(int act_type, const uint8_t *act, int64_t act_row_bytes
         for (int64_t k = k0; k < k1; k++) {
             if (act_type == GR_T_Q8_1) {
                 const block_q8_1 *b = (const block_q8_1 *)row + k;
-                d[k * ld + a] = gr_half_to_float(b->d);
-                s[k * ld + a] = gr_half_to_float(b->s);
+                d[a * ld + k] = gr_half_to_float(b->d);
+                s[a * ld + k] = gr_half_to_float(b->s);
             } else {
                 const block_q8_0 *b = (const block_q8_0 *)row + k;
                 int sum = 0;
                 for (int j = 0; j < 32; j++) sum += b->qs[j];
                 float dk = gr_half_to_float(b->d);
-                d[k * ld + a] = dk;
-                s[k * ld + a] = dk * (float)sum;  /* exact: 11 x 13 significant bits */
+                d[a * ld + k] = dk;
+                s[a * ld + k] = dk * (float)sum;  /* exact: 11 x 13 significant bits */
             }
         }
     }

@@ -69,8 +69,8 @@ int main(void) {
         fill_weights(t, w, ROWS * COLS / gr_block_size(t));
         /* two terms per token, rows 2t and 2t+1, as gr_matmul lays them out */
         uint8_t *act = malloc((size_t)arb * 2 * N_TOK);
-        int64_t ld = 2 * N_TOK + 8;
-        float *pd = calloc((size_t)(COLS / 32) * ld, sizeof(float)), *ps = calloc((size_t)(COLS / 32) * ld, sizeof(float));
+        int64_t ld = COLS / 32 + 8;
+        float *pd = calloc((size_t)(2 * N_TOK) * ld, sizeof(float)), *ps = calloc((size_t)(2 * N_TOK) * ld, sizeof(float));
         for (int tok = 0; tok < N_TOK; tok++) {
             if (gr_quantize_activation_terms(at, x + tok * COLS, act + 2 * tok * arb, COLS) != GR_OK) return 2;
         }
