@@ -51,18 +51,6 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be used as it is; the message names the file and what is wrong."""
 
 
-def qtype_of(q: GGMLQuantizationType | int | str) -> GGMLQuantizationType:
-    """Accept a quant type as the enum, its number or its name ('Q4_K'); unknown ones are a ValueError."""
-    if isinstance(q, GGMLQuantizationType):
-        return q
-    try:
-        if isinstance(q, str):
-            return GGMLQuantizationType[q.upper()]
-        return GGMLQuantizationType(int(q))
-    except (KeyError, ValueError):
-        raise ValueError(f"unknown GGML quant type {q!r}") from None
-
-
 def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
     block, size = GGML_QUANT_SIZES[qtype]
     if n % block:
