@@ -22,6 +22,7 @@ from . import models, native
 from .gguf_file import GGUFFile
 from .hub import resolve
 from .kv_cache import ContextFullError
+from .mtp import DraftController, MTPDrafter, MTPStats, dense, speculative_accept
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer
 
@@ -37,6 +38,7 @@ class GenerationStats:
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     stop_reason: str = ""
+    mtp: MTPStats | None = None   # speculative decoding with the MTP heads, when it ran
 
     @property
     def prompt_tps(self) -> float:
@@ -60,9 +62,44 @@ class LLM:
     cache: object = None
     tokens: list[int] = field(default_factory=list)   # what the KV cache holds, in order
     last_stats: GenerationStats = field(default_factory=GenerationStats)
+    expert_cache: object = None       # expert_cache.ExpertCache when loaded with a budget
+    placement: object = None          # expert_cache.Plan it was sized by
+    loaded_expert_stats: dict | None = None  # layer -> (counts, tokens) from --expert-stats-file
+
+    def save_expert_stats(self, path: str | os.PathLike) -> None:
+        """Save routed-expert use (what was loaded plus this session's) for a warm start next time."""
+        from .expert_cache import save_stats
+        experts = getattr(self.model, "experts", None)
+        if experts is None or not experts.layers:
+            raise ValueError(f"{self.path}: the model has no routed experts; there are no expert statistics to save")
+        save_stats(path, experts, self.loaded_expert_stats)
+
+    def close(self) -> None:
+        if self.expert_cache is not None:
+            self.expert_cache.close()
+    mtp: int | None = None        # default draft length; None: every MTP head of the file, 0: off
+    mtp_adaptive: bool = True     # let measured acceptance and step cost pick k per step (<= mtp)
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx, self.n_batch)
+        self._drafter: MTPDrafter | None = None
+
+    @property
+    def mtp_heads(self) -> int:
+        """MTP heads the file carries (and this runtime can draft with)."""
+        return len(getattr(self.model, "nextn", ()))
+
+    def _mtp_k(self, mtp: int | None) -> int:
+        k = self.mtp if mtp is None else mtp
+        k = self.mtp_heads if k is None else int(k)
+        if k < 0:
+            raise ValueError(f"mtp must be >= 0, not {k}")
+        return min(k, self.mtp_heads, max(self.n_batch - 1, 0))
+
+    def _mtp_drafter(self) -> MTPDrafter:
+        if self._drafter is None:
+            self._drafter = MTPDrafter(self.model, self.n_ctx, self.n_batch)
+        return self._drafter
 
     # -- text <-> ids -----------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -83,6 +120,8 @@ class LLM:
     def reset(self) -> None:
         self.cache.reset()
         self.tokens = []
+        if self._drafter is not None:
+            self._drafter.reset()
 
     def _check_fits(self, n: int) -> None:
         if n > self.n_ctx:
@@ -92,6 +131,8 @@ class LLM:
     def _eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the cached sequence in batches of n_batch; logits of the last (or all) positions."""
         out = []
+        if self._drafter is not None:   # positions evaluated here get no recorded hidden state
+            self._drafter.truncate(self.cache.n_past)
         for start in range(0, len(ids), self.n_batch):
             chunk = list(ids[start:start + self.n_batch])
             try:
@@ -101,7 +142,22 @@ class LLM:
                 self.tokens = self.tokens[:self.cache.n_past] + chunk[:max(0, self.cache.n_past - len(self.tokens))]
         return np.concatenate(out) if all_logits else out[-1]
 
-    def _prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+    def _eval_hidden(self, ids: Sequence[int]) -> np.ndarray:
+        """_eval for MTP: also records the trunk's hidden state of every position for the heads."""
+        d = self._mtp_drafter()
+        d.truncate(self.cache.n_past)
+        h = None
+        for start in range(0, len(ids), self.n_batch):
+            chunk = list(ids[start:start + self.n_batch])
+            p0 = self.cache.n_past
+            try:
+                h = self.model.forward_hidden(np.array(chunk), self.cache)
+                d.record(p0, h)
+            finally:
+                self.tokens = self.tokens[:self.cache.n_past] + chunk[:max(0, self.cache.n_past - len(self.tokens))]
+        return self.model.logits(h[-1:])
+
+    def _prefill(self, ids: Sequence[int], mtp: bool = False) -> tuple[np.ndarray, int]:
         """Bring the cache to `ids`, reusing the common prefix; returns (last logits, reused count)."""
         self._check_fits(len(ids))
         common = 0
@@ -110,12 +166,16 @@ class LLM:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # evaluate at least one token to get logits
+        if mtp:   # the heads need the trunk's hidden states of every reused position
+            common = min(common, self._mtp_drafter().n_hist)
         try:
             self.cache.truncate(common)
             self.tokens = self.tokens[:common]
         except ValueError:
             self.reset()
             common = 0
+        if mtp:
+            return self._eval_hidden(ids[common:]), common
         return self._eval(ids[common:]), common
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -131,22 +191,29 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, *, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-                 stop: Sequence[str] = (), stream: bool = False, add_special: bool = True):
+                 stop: Sequence[str] = (), stream: bool = False, add_special: bool = True, mtp: int | None = None):
         """Complete `prompt` (text or token ids). Returns the text, or with stream=True an iterator of
-        text pieces as they are decoded."""
+        text pieces as they are decoded. `mtp`: at most this many tokens drafted per step by the file's
+        MTP heads (None: the LLM's default, every head; 0: off); output is unchanged by it (greedy: token
+        for token; sampling: in distribution)."""
         cfg = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=seed)
         ids = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
-        it = self.stream_tokens(ids, max_tokens, Sampler(cfg), stop=stop)
+        it = self.stream_tokens(ids, max_tokens, Sampler(cfg), stop=stop, mtp=mtp)
         return it if stream else "".join(it)
 
     def stream_tokens(self, ids: Sequence[int], max_tokens: int, sampler: Sampler,
-                      stop: Sequence[str] = ()) -> Iterator[str]:
+                      stop: Sequence[str] = (), mtp: int | None = None) -> Iterator[str]:
         """The decode loop: yields text pieces; statistics land in `last_stats`."""
         stats = self.last_stats = GenerationStats()
         if not ids:
             raise ValueError("generation needs a non-empty prompt")
+        k_max = self._mtp_k(mtp)
+        if k_max:
+            stats.mtp = MTPStats(k_max)
+            yield from self._stream_mtp(ids, max_tokens, sampler, stop, k_max, stats)
+            return
         for t in ids[-sampler.cfg.repeat_last_n:] if sampler.cfg.repeat_last_n > 0 else ids:
             sampler.history.append(t)
         t0 = time.perf_counter()
@@ -189,12 +256,148 @@ class LLM:
             stats.generate_seconds = time.perf_counter() - t1
 
 
+    # -- speculative decoding with the MTP heads ----------------------------------------------------
+    def _stream_mtp(self, ids, max_tokens, sampler, stop, k_max, stats) -> Iterator[str]:
+        """stream_tokens with MTP drafting: the same stopping rules and text handling."""
+        for t in ids[-sampler.cfg.repeat_last_n:] if sampler.cfg.repeat_last_n > 0 else ids:
+            sampler.history.append(t)
+        t0 = time.perf_counter()
+        logits, reused = self._prefill(ids, mtp=True)
+        stats.cached_tokens = reused
+        stats.prompt_tokens = len(ids) - reused
+        stats.prompt_seconds = time.perf_counter() - t0
+        decoder = self.tokenizer.stream_decoder()
+        text_so_far = ""
+        t1 = time.perf_counter()
+        stats.stop_reason = "length"
+        gen = self._mtp_tokens(logits, sampler, k_max, max_tokens, stats)
+        last_pos = None
+        try:
+            for tok, pos in gen:
+                last_pos = pos
+                stats.generated_tokens += 1
+                if tok in self.tokenizer.eog_ids:
+                    stats.stop_reason = "eos"
+                    break
+                piece = decoder.feed(tok)
+                if piece:
+                    if stop:
+                        text_so_far += piece
+                        hit = next((s for s in stop if s in text_so_far), None)
+                        if hit is not None:
+                            stats.stop_reason = "stop"
+                            keep = text_so_far.index(hit) - (len(text_so_far) - len(piece))
+                            if keep > 0:
+                                yield piece[:keep]
+                            break
+                    yield piece
+            tail = decoder.flush()
+            if tail:
+                yield tail
+        finally:
+            gen.close()
+            # accepted drafts past the last token taken are dropped: the cache ends where the plain
+            # loop's would (the last generated token not evaluated)
+            if last_pos is not None and self.cache.n_past > last_pos:
+                self.cache.truncate(last_pos)
+                self.tokens = self.tokens[:last_pos]
+                self._mtp_drafter().truncate(last_pos)
+            stats.generate_seconds = time.perf_counter() - t1
+
+    def _mtp_tokens(self, logits, sampler, k_max, max_tokens, stats):
+        """Yields (token, position): draft with the heads, verify in one trunk batch, keep the accepted
+        prefix and the trunk's own next token, roll back the rest."""
+        if max_tokens <= 0:
+            return
+        d = self._mtp_drafter()
+        ctl = DraftController(k_max, self.mtp_adaptive)
+        greedy = sampler.cfg.temperature <= 0
+        n_vocab = self.model.n_vocab
+
+        def pick(lg):
+            if greedy:
+                return int(np.argmax(sampler.penalise(lg))), None
+            cand, q = sampler.distribution(lg)
+            return int(cand[sampler.rng.choice(len(cand), p=q)]), dense(cand, q, n_vocab)
+
+        tok = sampler.sample(logits[-1])
+        n_out = 1
+        yield tok, self.cache.n_past
+        while n_out < max_tokens:
+            t0 = time.perf_counter()
+            P = self.cache.n_past
+            if P + 1 > self.n_ctx:
+                stats.stop_reason = "context"
+                return
+            k = max(0, min(ctl.choose(), self.n_ctx - P - 1, max_tokens - n_out - 1))
+            drafts, qs = d.draft(self.tokens, tok, k, pick) if k else ([], [])
+            batch = [tok] + drafts
+            h = self.model.forward_hidden(np.array(batch), self.cache)
+            self.tokens = self.tokens[:P] + batch
+            d.record(P, h)
+            rows = self.model.logits(h)
+            out, n_acc = [], 0
+            for j, dj in enumerate(drafts):
+                if greedy:
+                    t = sampler.sample(rows[j])
+                    ok = t == dj
+                else:
+                    cand, p = sampler.distribution(rows[j])
+                    ok, t = speculative_accept(dense(cand, p, n_vocab), qs[j], dj, sampler.rng)
+                    sampler.accept(t)
+                out.append(t)
+                if not ok:
+                    break
+                n_acc += 1
+            else:
+                out.append(sampler.sample(rows[len(drafts)]))
+            keep = P + 1 + n_acc          # id_last and the accepted drafts
+            if keep < self.cache.n_past:
+                self.cache.truncate(keep)
+                self.tokens = self.tokens[:keep]
+                d.truncate(keep)
+            ctl.update(k, n_acc, time.perf_counter() - t0)
+            stats.mtp.record(k, n_acc)
+            for j, t in enumerate(out):
+                tok = t
+                n_out += 1
+                yield t, P + 1 + j
+                if n_out >= max_tokens:
+                    return
+
 def load(path: str | os.PathLike | None = None, n_threads: int | None = None, n_ctx: int = DEFAULT_N_CTX,
-         n_batch: int = DEFAULT_N_BATCH) -> LLM:
-    """Open a model (path, registry name or URL; None: the default model) for inference."""
+         n_batch: int = DEFAULT_N_BATCH, *, expert_cache: int | str | None = None, mem_budget: int | str | None = None,
+         expert_stats_file: str | os.PathLike | None = None, prefetch: bool = True, mlock: bool = False,
+         direct_io: bool = True) -> LLM:
+    """Open a model (path, registry name or URL; None: the default model) for inference.
+
+    Expert placement (MoE models): `expert_cache` (bytes or a size such as "600M") keeps that many bytes
+    of hot routed experts resident and reads the rest on demand; `mem_budget` derives the cache from a
+    total (always-active weights, KV cache and a runtime reserve first). `expert_stats_file`, if it
+    exists, seeds the cache (the most used experts are read at load); save with save_expert_stats.
+    """
     resolved = str(resolve(path))
     native.set_threads(n_threads or 0)
     f = GGUFFile(resolved)
     model = models.build(f)
     tok = Tokenizer.from_metadata(f.metadata)
-    return LLM(path=resolved, file=f, model=model, tokenizer=tok, n_ctx=n_ctx, n_batch=n_batch)
+    llm = LLM(path=resolved, file=f, model=model, tokenizer=tok, n_ctx=n_ctx, n_batch=n_batch)
+    experts = getattr(model, "experts", None)
+    if expert_stats_file is not None and os.path.exists(expert_stats_file) and experts is not None and experts.layers:
+        from .expert_cache import load_stats
+        llm.loaded_expert_stats = load_stats(expert_stats_file, experts)
+    if expert_cache is not None or mem_budget is not None:
+        from .expert_cache import ExpertCache, parse_size, plan, seed_scores
+        if experts is None or not experts.layers:
+            raise ValueError(f"{resolved}: --expert-cache/--mem-budget place routed experts, and this model has none")
+        p = plan(f, mem_budget=None if mem_budget is None else parse_size(mem_budget),
+                 expert_cache=None if expert_cache is None else parse_size(expert_cache),
+                 kv_bytes=llm.cache.nbytes)
+        cache = ExpertCache(experts, p.cache_bytes, prefetch=prefetch, mlock=mlock, direct_io=direct_io)
+        cache.attach_prefetch(model)
+        if llm.loaded_expert_stats:
+            seed_scores(cache, llm.loaded_expert_stats)
+            cache.warm({il: c for il, (c, _) in llm.loaded_expert_stats.items()})
+        experts.cache = cache
+        llm.expert_cache, llm.placement = cache, p
+    return llm

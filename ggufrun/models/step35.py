@@ -21,7 +21,7 @@ from ..gguf_file import GGUFError, GGUFFile
 from ..kv_cache import LayerCacheSpec
 from ..layers import Attention, AttentionConfig, RopeConfig, small
 from ..moe import GATING_SIGMOID, MoE, ExpertStore, RouterConfig, SwiGLU, sigmoid
-from ..ops import ROPE_NEOX, Linear, attention, rms_norm
+from ..ops import ROPE_NEOX, Linear, attention, embed_rows, rms_norm
 from .base import TransformerLM, hparam, per_layer
 
 SWA_ROPE_BASE = 10000.0   # llama.cpp's default when rope.freq_base_swa is absent
@@ -152,12 +152,68 @@ class Block:
         return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
 
 
+class NextN:
+    """One MTP (nextn) head, as llama.cpp's step35 DECODER_MTP graph runs it: the previous position's
+    pre-norm hidden state h and the embedding e of the token at this position give
+    x = eh_proj(concat(enorm(e), hnorm(h))) (embedding half first), then the block's own full decoder
+    layer (attention over this head's own KV cache, dense or MoE FFN); its output is the next h, and
+    rms_norm(shared_head_norm or output_norm) then shared_head_head (or the trunk's output) the logits."""
+
+    def __init__(self, f: GGUFFile, il: int, p: Params, experts: ExpertStore, model: "Model"):
+        pre = f"blk.{il}.nextn."
+        self.il = il
+        self.eps = p.norm_eps
+        self.eh_proj = Linear(f.tensor(pre + "eh_proj.weight", (p.n_embd, 2 * p.n_embd)))
+        self.enorm = small(f, pre + "enorm.weight", (p.n_embd,))
+        self.hnorm = small(f, pre + "hnorm.weight", (p.n_embd,))
+        self.embd = f.maybe_tensor(pre + "embed_tokens.weight", (p.n_vocab, p.n_embd)) or model.tok_embd
+        self.head_norm = small(f, pre + "shared_head_norm.weight", (p.n_embd,), optional=True)
+        if self.head_norm is None:
+            self.head_norm = model.output_norm
+        head = f.maybe_tensor(pre + "shared_head_head.weight", (p.n_vocab, p.n_embd))
+        self.head = Linear(head) if head is not None else model.output
+        self.block = Block(f, il, p, experts)
+        self.cache_spec = LayerCacheSpec(p.n_head_kv[il], p.head_dim, p.head_dim_v, p.window if p.is_swa[il] else 0)
+
+    def hidden(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+        """Rows (token at p, trunk-or-head hidden state of p - 1) at `positions` of this head's one-layer
+        cache; returns the block outputs (pre-norm), which are also the next head's h input."""
+        e = embed_rows(self.embd, np.asarray(tokens, dtype=np.int64))
+        x = np.concatenate([rms_norm(e, self.enorm, self.eps), rms_norm(h_prev, self.hnorm, self.eps)], axis=1)
+        cache.check_room(len(tokens))
+        y = self.block(self.eh_proj(x), positions, cache, 0)
+        cache.n_past = int(positions[-1]) + 1
+        return y
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        return self.head(rms_norm(h, self.head_norm, self.eps))
+
+
 class Model(TransformerLM):
     def __init__(self, f: GGUFFile):
         p = self.params = Params.from_gguf(f)
         super().__init__(f, p.n_embd, p.n_vocab, p.norm_eps)
         self.experts = ExpertStore(f)
         self.blocks = [Block(f, i, p, self.experts) for i in range(p.n_layer)]
+        # MTP heads, when the file carries their tensors (llama.cpp probes the first block's eh_proj)
+        self.nextn = []
+        if p.n_nextn and f"blk.{p.n_layer}.nextn.eh_proj.weight" in f:
+            self.nextn = [NextN(f, p.n_layer + j, p, self.experts, self) for j in range(p.n_nextn)]
+
+    def forward_hidden(self, tokens: np.ndarray, cache) -> np.ndarray:
+        """Like forward(), but returns the trunk's pre-norm hidden state of every position (what the MTP
+        heads take as h); logits(h) gives their logits."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if len(tokens) == 0:
+            raise ValueError("forward() needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            bad = int(tokens[(tokens < 0) | (tokens >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        cache.check_room(len(tokens))
+        positions = np.arange(cache.n_past, cache.n_past + len(tokens), dtype=np.int32)
+        h = self.hidden(self.embed(tokens), positions, cache)
+        cache.n_past += len(tokens)
+        return h
 
     def cache_specs(self):
         p = self.params

@@ -1,0 +1,280 @@
+"""MTP (multi-token prediction) speculative decoding for models with nextn heads (step35).
+
+Drafting follows llama.cpp's step35 MTP graph and its `draft-mtp` speculative driver (chained heads):
+
+  - every MTP head j has its own one-layer KV cache. For each committed position p it holds the entry
+    computed from (trunk pre-norm hidden state of p - 1, token at p) (zeros for p = 0); llama.cpp's
+    process() writes these for every batch the trunk evaluates, for all heads. Here a head catches up
+    lazily, from the recorded trunk hidden states, when it is next used (a head left unused by the
+    adaptive draft length costs nothing).
+  - a draft from the last committed position P - 1 and the token `id_last` at P (sampled, not yet
+    evaluated by the trunk) runs head 0 on the row (h_trunk[P-1], id_last) -> d1 and h0; head 1 on
+    the rows (h_trunk[P-1], id_last), (h0, d1) at P, P+1 -> d2 and h1; head i on i + 1 rows, where row
+    t >= 1 pairs the previous head's output h_{t-1} with d_t. Each step re-runs the draft region under
+    the next head (its own layer and KV), exactly as llama.cpp's chain_heads mode does.
+  - the trunk verifies [id_last, d1..dk] in one batched forward; the longest accepted prefix plus the
+    trunk's own next token are kept; rejected positions are rolled back in the trunk cache and in the
+    heads' caches (which keep only position P: the committed (h_trunk[P-1], id_last) entry).
+
+Acceptance: greedy keeps a draft iff it equals the trunk's (penalised) arg-max; with temperature > 0 a
+draft d drawn from q is kept with probability min(1, p(d)/q(d)), else the token is drawn from the
+normalised residual max(0, p - q), and after k acceptances one more token is drawn from p: the output
+distribution is exactly p (Leviathan et al. 2023; Chen et al. 2023).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .kv_cache import KVCache
+
+
+# -- the accept / resample math -------------------------------------------------------------------
+def dense(ids: np.ndarray, p: np.ndarray, n_vocab: int) -> np.ndarray:
+    out = np.zeros(n_vocab, dtype=np.float64)
+    out[ids] = p
+    return out
+
+
+def speculative_accept(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
+    """One speculative-sampling decision over dense distributions p (target) and q (draft, from which
+    `draft` was drawn): (True, draft) with probability min(1, p/q), else (False, a token drawn from
+    norm(max(0, p - q)))."""
+    qd = q[draft]
+    if qd > 0 and rng.random() * qd < p[draft]:   # u < p/q without dividing
+        return True, draft
+    r = np.maximum(p - q, 0.0)
+    s = r.sum()
+    if s <= 0:   # p == q up to rounding: a rejection had probability ~0; p is the residual's limit
+        r, s = p, p.sum()
+    return False, int(rng.choice(len(r), p=r / s))
+
+
+def expected_tokens(alpha: list[float], k: int) -> float:
+    """Tokens per verify step with k drafts, if draft i is accepted with probability alpha[i] given the
+    earlier ones were: 1 + sum_j prod_{i<=j} alpha_i."""
+    e, run = 1.0, 1.0
+    for i in range(k):
+        run *= alpha[i]
+        e += run
+    return e
+
+
+# -- statistics -----------------------------------------------------------------------------------
+@dataclass
+class MTPStats:
+    k_max: int = 0
+    steps: int = 0                                    # verify steps (drafting or not)
+    draft_steps: int = 0                              # steps that drafted at least one token
+    drafted: list[int] = field(default_factory=list)  # per draft position: drafts checked (the earlier accepted)
+    accepted: list[int] = field(default_factory=list)  # per draft position: drafts accepted
+    k_hist: list[int] = field(default_factory=list)   # per k: steps run with that draft length
+
+    def __post_init__(self):
+        n = self.k_max
+        self.drafted = self.drafted or [0] * n
+        self.accepted = self.accepted or [0] * n
+        self.k_hist = self.k_hist or [0] * (n + 1)
+
+    def record(self, k: int, n_accepted: int) -> None:
+        self.steps += 1
+        self.k_hist[k] += 1
+        if k:
+            self.draft_steps += 1
+        for i in range(min(k, n_accepted + 1)):   # drafts past the first rejection are never checked
+            self.drafted[i] += 1
+            if i < n_accepted:
+                self.accepted[i] += 1
+
+    def acceptance(self) -> list[float | None]:
+        """Per draft position: accepted / offered (conditional on the earlier drafts being accepted)."""
+        return [a / d if d else None for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def accepted_total(self) -> int:
+        return sum(self.accepted)
+
+    def summary(self) -> str:
+        acc = " ".join(f"{a:.0%}" if a is not None else "-" for a in self.acceptance())
+        drafted = sum(self.drafted)
+        rate = f"{self.accepted_total / drafted:.0%}" if drafted else "-"
+        ks = " ".join(f"k{k}:{n}" for k, n in enumerate(self.k_hist) if n)
+        return (f"mtp: {self.steps} steps ({ks}), {self.accepted_total}/{drafted} drafts accepted ({rate});"
+                f" per position {acc}")
+
+
+# -- the draft-length controller ------------------------------------------------------------------
+class DraftController:
+    """Picks k per step to maximise expected tokens per second.
+
+    Acceptance per position is the running ratio accepted/offered (with a weak prior), and the cost of
+    a step with k drafts is an exponential average of measured step times. A k without a measurement is
+    tried once; afterwards the best k wins, and the other draft lengths are re-measured on a
+    back-off schedule (every 16 steps, doubling up to every 512 while the choice holds), so a
+    switched-off MTP costs under a percent and a switched-on one notices when acceptance drops."""
+
+    PRIOR = (1.0, 2.0)   # a Beta(1, 1)-ish prior: alpha starts at 0.5
+
+    def __init__(self, k_max: int, adaptive: bool = True):
+        self.k_max = k_max
+        self.adaptive = adaptive
+        self.acc = [0.0] * k_max
+        self.off = [0.0] * k_max
+        self.cost: list[float | None] = [None] * (k_max + 1)
+        self.last_seen = [0] * (k_max + 1)
+        self.step = 0
+        self.interval = 16
+        self.next_explore = 16
+        self.best = k_max
+
+    def alpha(self) -> list[float]:
+        a0, n0 = self.PRIOR
+        return [(a + a0) / (o + n0) for a, o in zip(self.acc, self.off)]
+
+    def choose(self) -> int:
+        self.step += 1
+        if not self.adaptive or self.k_max == 0:
+            return self.k_max
+        for k in range(self.k_max, -1, -1):
+            if self.cost[k] is None:
+                return k
+        alpha = self.alpha()
+        best = max(range(self.k_max + 1), key=lambda k: expected_tokens(alpha, k) / self.cost[k])
+        if best != self.best:
+            self.interval = 16
+        self.best = best
+        if self.step >= self.next_explore:
+            self.next_explore = self.step + self.interval
+            self.interval = min(self.interval * 2, 512)
+            stale = min((k for k in range(self.k_max + 1) if k != best), key=lambda k: self.last_seen[k])
+            return stale
+        return best
+
+    def update(self, k: int, n_accepted: int, seconds: float) -> None:
+        for i in range(min(k, n_accepted + 1)):
+            self.off[i] += 1
+            if i < n_accepted:
+                self.acc[i] += 1
+        c = self.cost[k]
+        self.cost[k] = seconds if c is None else 0.7 * c + 0.3 * seconds
+        self.last_seen[k] = self.step
+
+
+# -- the drafter ----------------------------------------------------------------------------------
+class MTPDrafter:
+    """The MTP heads of a model, their KV caches and the trunk hidden states they are fed."""
+
+    def __init__(self, model, n_ctx: int, max_batch: int):
+        self.heads = list(model.nextn)
+        if not self.heads:
+            raise ValueError("the model has no MTP heads")
+        self.n_embd = model.n_embd
+        self.max_batch = max_batch
+        self.caches = [KVCache([h.cache_spec], n_ctx, max_batch) for h in self.heads]
+        self.h_hist = np.zeros((min(n_ctx, 1024), self.n_embd), dtype=np.float32)
+        self.n_hist = 0   # trunk hidden states recorded for positions 0..n_hist-1
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads)
+
+    def reset(self) -> None:
+        self.n_hist = 0
+        for c in self.caches:
+            c.reset()
+
+    def truncate(self, n: int) -> None:
+        """Forget everything at positions >= n (trunk rollback or a new prompt)."""
+        self.n_hist = min(self.n_hist, n)
+        for c in self.caches:
+            if c.n_past > n:
+                try:
+                    c.truncate(n)
+                except ValueError:   # a ring layer lost the history: rebuild this head from scratch
+                    c.reset()
+
+    def record(self, start: int, h: np.ndarray) -> None:
+        """Trunk hidden states of positions start..start+len(h)-1."""
+        if start > self.n_hist:
+            raise ValueError(f"hidden states for positions {self.n_hist}..{start - 1} were never recorded")
+        end = start + len(h)
+        if end > len(self.h_hist):
+            grown = np.zeros((max(end, 2 * len(self.h_hist)), self.n_embd), dtype=np.float32)
+            grown[:self.n_hist] = self.h_hist[:self.n_hist]
+            self.h_hist = grown
+        self.h_hist[start:end] = h
+        self.n_hist = end
+        self.truncate(end)
+
+    def _h_prev(self, start: int, end: int) -> np.ndarray:
+        """h inputs for positions start..end-1: the trunk's state at p - 1 (zeros for p = 0)."""
+        if start == 0:
+            return np.concatenate([np.zeros((1, self.n_embd), np.float32), self.h_hist[:end - 1]])
+        return self.h_hist[start - 1:end - 1]
+
+    def catch_up(self, j: int, tokens, upto: int) -> None:
+        """Bring head j's cache to committed positions 0..upto-1."""
+        c = self.caches[j]
+        if upto > self.n_hist:
+            raise ValueError(f"head {j} cannot catch up to {upto}: trunk hidden states end at {self.n_hist}")
+        while c.n_past < upto:
+            s = c.n_past
+            e = min(upto, s + self.max_batch)
+            self.heads[j].hidden(np.asarray(tokens[s:e]), self._h_prev(s, e),
+                                 np.arange(s, e, dtype=np.int32), c)
+
+    def draft(self, tokens, id_last: int, k: int, pick) -> tuple[list[int], list]:
+        """Up to k tokens after `id_last` (at position len(tokens)), chaining the heads. `pick(logits)`
+        returns (token, q) for one head's logits: q is the draft distribution (None for greedy)."""
+        P = len(tokens)
+        k = min(k, self.n_heads)
+        chain_h = [self.h_hist[P - 1] if P else np.zeros(self.n_embd, np.float32)]
+        toks = [id_last]
+        drafts, qs = [], []
+        for i in range(k):
+            self.catch_up(i, tokens, P)
+            c = self.caches[i]
+            if c.n_past > P:
+                c.truncate(P)
+            hs = self.heads[i].hidden(np.array(toks), np.stack(chain_h), np.arange(P, P + i + 1, dtype=np.int32), c)
+            tok, q = pick(self.heads[i].logits(hs[-1:])[0])
+            drafts.append(tok)
+            qs.append(q)
+            chain_h.append(hs[-1])
+            toks.append(tok)
+        # row P of every head that ran is the committed (h_trunk[P-1], id_last) entry; rows past it held
+        # head-chained states, which the trunk's own hidden states replace on catch-up
+        for i in range(k):
+            if self.caches[i].n_past > P + 1:
+                self.caches[i].truncate(P + 1)
+        return drafts, qs
+
+
+# -- measuring expert reads -----------------------------------------------------------------------
+class ExpertReads:
+    """Counts the routed-expert bytes the MoE layers read while active: each native MoE call reads every
+    distinct selected expert of its layer once (gr_moe_ffn groups tokens by expert)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.bytes = 0
+        self.calls = 0
+        self.experts = 0
+
+    def __enter__(self):
+        orig = self.store.record
+
+        def record(il, ids):
+            n = len(np.unique(ids))
+            self.experts += n
+            self.bytes += n * self.store.expert_bytes(il)
+            self.calls += 1
+            return orig(il, ids)
+        self.store.record = record
+        return self
+
+    def __exit__(self, *exc):
+        del self.store.record   # back to the class's method
+        return False
+

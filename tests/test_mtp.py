@@ -1,0 +1,283 @@
+"""MTP speculative decoding (ggufrun/mtp.py, LLM.generate(mtp=...)) on small step35 files.
+
+Files come from models/step35_tiny.py: random-weight MTP heads (drafts almost never accepted: the
+rollback path) and "echo" files built here, whose heads pass the token embedding through to the
+trunk's output head while the trunk's blocks are scaled down, so drafts are often right (the accept
+path). Greedy output must equal the no-MTP output token for token (F32 files: the batched verify is
+bit-identical to single-token steps there); sampling is checked in distribution on synthetic p/q and
+end to end for determinism and a first-tokens distribution test.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+
+import ggufrun  # noqa: E402
+import quant  # noqa: E402
+import step35_tiny  # noqa: E402
+from ggufrun.mtp import (DraftController, ExpertReads, MTPStats, expected_tokens,  # noqa: E402
+                         speculative_accept)
+from ggufrun.sampling import Sampler, SamplerConfig  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived"]
+N_GEN = 40
+
+
+def write_echo(base: str, q: str, path: Path, gain: float) -> Path:
+    """`base` with every block's residual branches scaled by `gain` and MTP heads that echo the token
+    embedding into the trunk's output head (eh_proj = [I 0], enorm = 1, shared_head_norm = output_norm):
+    at gain 0 the trunk's next token is a function of the current token alone and every draft is right."""
+    cfg = replace(step35_tiny.CONFIGS[base], name=f"{base}-echo")
+    w = step35_tiny.weights(cfg)
+    E = cfg.n_embd
+    for name in list(w):
+        if name.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")):
+            w[name] = w[name] * np.float32(gain)
+    for j in range(cfg.n_nextn):
+        p = f"blk.{cfg.n_layer + j}.nextn."
+        w[p + "eh_proj.weight"] = np.concatenate([np.eye(E), np.zeros((E, E))], 1).astype(np.float32)
+        w[p + "enorm.weight"] = np.ones(E, np.float32)
+        w[p + "shared_head_norm.weight"] = w["output_norm.weight"]
+        w.pop(p + "shared_head_head.weight", None)
+    tensors = {n: (a, step35_tiny.tensor_type(n, a.shape, q, cfg.block_count)) for n, a in w.items()}
+    quant.write_gguf(path, step35_tiny.ARCH, step35_tiny.metadata(cfg, step35_tiny.FILE_TYPES[q]), tensors)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mtp")
+    return {"gqa": step35_tiny.write(step35_tiny.CONFIGS["gqa"], "F32", d / "gqa.gguf"),
+            "wide-swa": step35_tiny.write(step35_tiny.CONFIGS["wide-swa"], "F32", d / "wide-swa.gguf"),
+            "echo": write_echo("gqa", "F32", d / "echo.gguf", 0.15),
+            "echo-q8": write_echo("mha-mqa", "Q8_0", d / "echo-q8.gguf", 0.15)}
+
+
+@pytest.fixture(scope="module")
+def llms(files):
+    return {k: ggufrun.load(str(p), n_ctx=256, n_batch=64) for k, p in files.items()}
+
+
+def greedy(llm, prompt, mtp, adaptive=False, n=N_GEN):
+    llm.reset()
+    llm.mtp_adaptive = adaptive
+    ids = llm.tokenize(prompt)
+    toks = []
+    sampler = Sampler(SamplerConfig(temperature=0.0))
+    for _ in llm.stream_tokens(ids, n, sampler, mtp=mtp):
+        pass
+    toks = sampler.history[len(ids):]
+    return toks, llm.last_stats
+
+
+# -- the math, in isolation -----------------------------------------------------------------------
+def test_speculative_accept_preserves_the_target_distribution():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    q = np.array([0.1, 0.4, 0.0, 0.2, 0.1, 0.2])    # q puts mass where p has none, and misses token 2
+    n = 40000
+    out = np.empty(n, dtype=np.int64)
+    acc = 0
+    for i in range(n):
+        d = int(rng.choice(6, p=q))
+        ok, t = speculative_accept(p, q, d, rng)
+        acc += ok
+        out[i] = t
+    freq = np.bincount(out, minlength=6) / n
+    chi2 = n * sum((freq[i] - p[i]) ** 2 / p[i] for i in range(5))
+    assert freq[5] == 0
+    assert chi2 < 20.5, (freq, chi2)     # 4 dof, p ~ 4e-4
+    # acceptance rate is sum(min(p, q)) = 0.55
+    assert abs(acc / n - np.minimum(p, q).sum()) < 0.01
+
+
+def test_speculative_accept_when_draft_equals_target_always_accepts():
+    rng = np.random.default_rng(1)
+    p = np.array([0.7, 0.2, 0.1])
+    assert all(speculative_accept(p, p, int(rng.choice(3, p=p)), rng)[0] for _ in range(2000))
+
+
+def test_acceptance_bookkeeping_and_expected_tokens():
+    s = MTPStats(3)
+    s.record(3, 0)   # d1 rejected
+    s.record(3, 2)   # d1, d2 accepted, d3 rejected
+    s.record(3, 3)
+    s.record(1, 1)
+    s.record(0, 0)
+    assert s.drafted == [4, 2, 2] and s.accepted == [3, 2, 1]   # a draft after a rejection is not checked
+    assert s.acceptance() == [0.75, 1.0, 0.5]
+    assert s.k_hist == [1, 1, 0, 3] and s.steps == 5 and s.draft_steps == 4
+    assert "6/8 drafts accepted" in s.summary()
+    assert expected_tokens([1.0, 1.0, 1.0], 3) == 4.0
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1.75)
+    assert expected_tokens([0.5], 0) == 1.0
+
+
+def run_controller(alpha, cost, steps=600, seed=0):
+    """Simulate: drafts accepted with probability alpha[i]; a step with k drafts costs cost(k)."""
+    rng = np.random.default_rng(seed)
+    c = DraftController(len(alpha))
+    used = Counter()
+    for _ in range(steps):
+        k = c.choose()
+        n_acc = 0
+        while n_acc < k and rng.random() < alpha[n_acc]:
+            n_acc += 1
+        c.update(k, n_acc, cost(k) * (1 + 0.05 * rng.standard_normal()))
+        used[k] += 1
+    return used
+
+
+def test_controller_switches_drafting_off_when_it_does_not_pay():
+    used = run_controller([0.02, 0.02, 0.02], lambda k: 1.0 + 0.4 * k)
+    assert used[0] > 0.9 * 600, used
+    # and picks the longest draft when drafts are nearly free and usually right
+    used = run_controller([0.9, 0.9, 0.9], lambda k: 1.0 + 0.05 * k)
+    assert used[3] > 0.9 * 600, used
+    # a middle ground: only the first head is good
+    used = run_controller([0.9, 0.1, 0.1], lambda k: 1.0 + 0.2 * k)
+    assert used[1] > 0.8 * 600, used
+
+
+# -- greedy: identical output, token for token ----------------------------------------------------
+@pytest.mark.parametrize("model", ["gqa", "wide-swa", "echo"])
+def test_greedy_output_identical_with_mtp(llms, model):
+    llm = llms[model]
+    assert llm.mtp_heads == 3
+    for prompt in PROMPTS:
+        ref, st0 = greedy(llm, prompt, 0)
+        assert st0.mtp is None and len(ref) == N_GEN
+        ref_tokens = list(llm.tokens)
+        for k in (1, 2, 3):
+            got, st = greedy(llm, prompt, k)
+            assert got == ref, (model, prompt, k)
+            # forced k: every step drafted k, but the last few (no drafts past max_tokens)
+            assert st.mtp.k_hist[k] >= st.mtp.steps - k > 0
+            # the cache ends where the plain loop's does (last token not evaluated)
+            assert llm.tokens == ref_tokens and llm.cache.n_past == len(ref_tokens)
+            if model == "echo":
+                assert st.mtp.accepted[0] > 0, st.mtp.summary()
+
+
+def test_echo_file_accepts_and_steps_advance_several_tokens(llms):
+    llm = llms["echo"]
+    _, st = greedy(llm, PROMPTS[1], 3)
+    acc = st.mtp.acceptance()
+    assert acc[0] > 0.5, st.mtp.summary()
+    # fewer verify steps than tokens: accepted drafts came out of single trunk passes
+    assert st.mtp.steps < N_GEN - 1 - st.mtp.accepted_total // 2
+
+
+def test_rollback_leaves_trunk_and_head_caches_as_a_fresh_run(llms):
+    """After a speculative generation (rejections on ring layers included), the trunk's next logits and
+    the heads' next drafts equal those of a fresh sequence prefilled with the same tokens."""
+    for model in ("wide-swa", "echo"):
+        llm = llms[model]
+        greedy(llm, PROMPTS[1], 3)
+        toks = list(llm.tokens)
+        nxt = 42
+        d = llm._mtp_drafter()
+        drafts_after, _ = d.draft(toks, nxt, 3, lambda lg: (int(np.argmax(lg)), None))
+        lg_after = llm._eval_hidden([nxt])
+        llm.reset()
+        llm._eval_hidden(toks)
+        drafts_fresh, _ = llm._mtp_drafter().draft(list(llm.tokens), nxt, 3, lambda lg: (int(np.argmax(lg)), None))
+        lg_fresh = llm._eval_hidden([nxt])
+        np.testing.assert_array_equal(lg_after, lg_fresh)
+        assert drafts_after == drafts_fresh
+
+
+def test_prefix_reuse_and_switching_mtp_on_and_off(llms):
+    llm = llms["echo"]
+    ref, _ = greedy(llm, PROMPTS[0], 0)
+    llm.reset()
+    llm.mtp_adaptive = False
+    sampler = Sampler(SamplerConfig(temperature=0.0))
+    ids = llm.tokenize(PROMPTS[0])
+    list(llm.stream_tokens(ids, 10, sampler, mtp=0))          # plain turn: no hidden states recorded
+    s2 = Sampler(SamplerConfig(temperature=0.0))
+    list(llm.stream_tokens(ids, N_GEN, s2, mtp=2))              # reuses no more than the heads can use
+    assert s2.history[len(ids):] == ref
+    s3 = Sampler(SamplerConfig(temperature=0.0))
+    list(llm.stream_tokens(ids, N_GEN, s3, mtp=3))              # reuses the prefix and its hidden states
+    assert s3.history[len(ids):] == ref and llm.last_stats.cached_tokens == len(ids) - 1
+
+
+def test_generate_api(llms):
+    llm = llms["echo"]
+    llm.mtp_adaptive = True
+    text0 = llm.generate(PROMPTS[0], max_tokens=24, temperature=0, mtp=0)
+    assert llm.last_stats.mtp is None
+    text = llm.generate(PROMPTS[0], max_tokens=24, temperature=0)   # on by default: the file has heads
+    assert llm.last_stats.mtp is not None and llm.last_stats.mtp.k_max == 3
+    assert text == text0
+    assert llm.generate(PROMPTS[0], max_tokens=24, temperature=0, mtp=2) == text0
+    assert llm.last_stats.generated_tokens == 24
+    with pytest.raises(ValueError):
+        llm.generate(PROMPTS[0], max_tokens=4, mtp=-1)
+    # stop strings and max_tokens cut in the middle of an accepted run
+    for n in (1, 2, 5):
+        assert llm.generate(PROMPTS[0], max_tokens=n, temperature=0, mtp=3) == \
+            llm.generate(PROMPTS[0], max_tokens=n, temperature=0, mtp=0)
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+def test_sampling_with_mtp_is_seeded_and_keeps_the_distribution(llms):
+    llm = llms["echo-q8"]
+    llm.mtp_adaptive = False
+    kw = dict(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0)
+    a = llm.generate(PROMPTS[0], max_tokens=16, seed=7, mtp=3, **kw)
+    b = llm.generate(PROMPTS[0], max_tokens=16, seed=7, mtp=3, **kw)
+    assert a == b and llm.last_stats.mtp.accepted_total > 0
+    # the first three tokens' joint distribution with and without MTP (two-sample chi-square on the
+    # second and third tokens given the first, pooled)
+    ids = llm.tokenize(PROMPTS[0])
+    n = 150
+    samples = {}
+    for mtp in (0, 3):
+        c = Counter()
+        for s in range(n):
+            sampler = Sampler(SamplerConfig(seed=1000 * mtp + s, **kw))
+            list(llm.stream_tokens(ids, 3, sampler, mtp=mtp))
+            c[tuple(sampler.history[len(ids):])] += 1
+        samples[mtp] = c
+    keys = [k for k in set(samples[0]) | set(samples[3]) if samples[0][k] + samples[3][k] >= 8]
+    chi2 = sum((samples[0][k] - samples[3][k]) ** 2 / (samples[0][k] + samples[3][k]) for k in keys)
+    dof = max(len(keys) - 1, 1)
+    assert chi2 < dof + 4 * np.sqrt(2 * dof), (chi2, dof, samples)
+
+
+# -- expert reads ---------------------------------------------------------------------------------
+def test_verify_batch_reads_each_expert_once(llms):
+    """A 4-token verify reads each distinct expert of a layer once: fewer bytes than 4 single steps, and
+    exactly (distinct experts) x (expert size)."""
+    llm = llms["wide-swa"]
+    m = llm.model
+    ids = llm.tokenize(PROMPTS[1])
+    llm.reset()
+    llm._eval_hidden(ids)
+    P = llm.cache.n_past
+    with ExpertReads(m.experts) as one:
+        m.forward_hidden(np.array([11]), llm.cache)
+    llm.cache.truncate(P)
+    with ExpertReads(m.experts) as four:
+        m.forward_hidden(np.array([11, 12, 13, 14]), llm.cache)
+    llm.cache.truncate(P)
+    singles = 0
+    for t in (11, 12, 13, 14):
+        with ExpertReads(m.experts) as r:
+            m.forward_hidden(np.array([t]), llm.cache)
+        singles += r.bytes
+    llm.cache.truncate(P)
+    p = m.params
+    n_moe = sum(p.is_moe[:p.n_layer])
+    assert one.experts == n_moe * p.n_used[0] and one.calls == n_moe
+    assert one.bytes < four.bytes < singles
+    assert four.experts <= n_moe * min(4 * p.n_used[0], p.n_expert)
