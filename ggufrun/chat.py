@@ -23,7 +23,7 @@ HELP = """commands:
   /reset             forget the conversation (keeps the system prompt)
   /system TEXT       set the system prompt and reset
   /set KEY=VALUE     sampling and limits: temp, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                     frequency_penalty, seed, max_tokens
+                     frequency_penalty, seed, max_tokens; mtp (draft tokens per step, 0 off)
   /save FILE         save the conversation as JSON
   /load FILE         load a conversation saved with /save
   /stats             model, memory and speed of the last reply
@@ -32,7 +32,7 @@ multi-line input: end a line with \\ or wrap the text in lines of \"\"\"; Ctrl-C
 
 SETTABLE = {"temp": "temperature", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
             "min_p": "min_p", "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
-            "frequency_penalty": "frequency_penalty", "seed": "seed", "max_tokens": "max_tokens"}
+            "frequency_penalty": "frequency_penalty", "seed": "seed", "max_tokens": "max_tokens", "mtp": "mtp"}
 
 
 class ChatSession:
@@ -55,6 +55,8 @@ class ChatSession:
         print("loading model ...", file=sys.stderr, flush=True)
         llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size)
         s = cls(llm, system=a.system, max_tokens=a.n_predict, **sampling_kwargs(a))
+        if getattr(a, "mtp", None) is not None:
+            llm.mtp = a.mtp
         s.load_seconds = time.perf_counter() - t
         return s
 
@@ -149,8 +151,10 @@ class ChatSession:
             return
         name = SETTABLE[key]
         try:
-            if name in ("top_k", "max_tokens"):
+            if name in ("top_k", "max_tokens", "mtp"):
                 v = int(value)
+                if name == "mtp" and v < 0:
+                    raise ValueError
             elif name == "seed":
                 v = None if value.strip().lower() in ("", "none", "-1") else int(value)
             else:
@@ -160,6 +164,10 @@ class ChatSession:
             return
         if name == "max_tokens":
             self.max_tokens = v
+        elif name == "mtp":   # the LLM's default draft length (capped by the heads the file has)
+            self.llm.mtp = v
+            if v and not self.llm.mtp_heads:
+                self.say("[this model has no MTP heads: mtp has no effect]\n")
         else:
             self.sampling[name] = v
         self.say(f"[{name} = {v}]\n")
@@ -191,6 +199,10 @@ class ChatSession:
                  f"sampling   " + ", ".join(f"{k}={v}" for k, v in self.sampling.items())]
         if self.load_seconds:
             lines.append(f"load time  {self.load_seconds:.2f}s")
+        if llm.mtp_heads:   # draft acceptance per position in the last reply
+            setting = "all" if llm.mtp is None else llm.mtp
+            lines.append(f"mtp        {llm.mtp_heads} heads, mtp={setting}; "
+                         + (s.mtp.summary().removeprefix("mtp: ") if s.mtp is not None else "off in the last reply"))
         return "\n".join(lines)
 
     # -- terminal ---------------------------------------------------------------------------------

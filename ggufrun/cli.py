@@ -28,6 +28,20 @@ def _add_sampling_args(p: argparse.ArgumentParser, temp: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mtp", type=int, default=None, metavar="N",
+                   help="speculative decoding with the model's MTP heads: draft up to N tokens per step (0: off;"
+                        " default: every head the file has). Output is unchanged; the draft length adapts to"
+                        " measured acceptance and step cost")
+
+
+def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mtp", type=int, default=None, metavar="N",
+                   help="speculative decoding with the model's MTP heads: draft up to N tokens per step (0: off;"
+                        " default: every head the file has). Output is unchanged; the draft length adapts to"
+                        " measured acceptance and step cost")
+
+
 def sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 repeat_penalty=a.repeat_penalty, presence_penalty=a.presence_penalty,
@@ -68,7 +82,7 @@ def cmd_run(a) -> int:
     ids = llm.tokenize(prompt, add_special=add_special)
     if not a.chat:
         sys.stdout.write(prompt)
-    for piece in llm.generate(ids, max_tokens=a.n_predict, stream=True, **sampling_kwargs(a)):
+    for piece in llm.generate(ids, max_tokens=a.n_predict, stream=True, mtp=a.mtp, **sampling_kwargs(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -76,6 +90,8 @@ def cmd_run(a) -> int:
     if a.verbose or sys.stderr.isatty():
         print(f"[prompt {s.prompt_tokens} tokens {s.prompt_tps:.1f} t/s | generated {s.generated_tokens} tokens"
               f" {s.generate_tps:.1f} t/s | stop: {s.stop_reason}]", file=sys.stderr)
+    if a.verbose and s.mtp is not None:   # acceptance per draft position
+        print(f"[{s.mtp.summary()}]", file=sys.stderr)
     if a.expert_stats:
         experts = getattr(llm.model, "experts", None)
         lines = experts.report(top=8) if experts is not None and experts.layers else ["(no routed experts in this model)"]
@@ -113,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", help="prompt text (default: read stdin)")
     p.add_argument("-n", "--n-predict", type=int, default=128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="speed and (with MTP) draft acceptance to stderr")
+    _add_mtp_arg(p)
     p.add_argument("--expert-stats", action="store_true",
                    help="after generating, print per-layer routed-expert use (top experts, skew) to stderr")
     _add_sampling_args(p, temp=0.8)
@@ -131,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("-n", "--n-predict", type=int, default=1024, help="max tokens per reply")
     p.add_argument("--system", help="system prompt")
+    _add_mtp_arg(p)
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_chat)
     return ap
