@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -215,16 +216,18 @@ typedef struct {
     float scale, softcap;
     int window;
     float *scratch;               /* per thread: dv accumulators + n_kv scores */
+    atomic_llong next_item;       /* (query, head) items are claimed, so any subset of threads finishes */
 } attn_task;
 
 /* One (query, head) at a time with a running max so the probabilities never need a second pass over
  * the keys; masked keys are skipped, not added as -inf. */
 static void run_attention(void *p, int ith, int nth) {
-    const attn_task *a = p;
+    attn_task *a = p;
+    (void)nth;
     const int64_t group = a->n_head / a->n_head_kv;
     float *acc = a->scratch + (size_t)ith * (size_t)(a->dv + a->n_kv);
     float *scores = acc + a->dv;
-    for (int64_t item = ith; item < a->n_q * a->n_head; item += nth) {
+    for (int64_t item; (item = atomic_fetch_add(&a->next_item, 1)) < a->n_q * a->n_head;) {
         const int64_t i = item / a->n_head, h = item % a->n_head, hk = h / group;
         const float *q = a->q + (i * a->n_head + h) * a->dk;
         const int32_t qp = a->q_pos[i];
@@ -266,10 +269,12 @@ int gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)nth);
     if (!scratch) { pthread_mutex_unlock(&ops_mutex); return GR_E_NOMEM; }
     attn_task a = {q, k, v, q_pos, k_pos, out, n_q, n_head, n_head_kv, n_kv, dk, dv,
-                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, scratch};
+                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, scratch, 0};
+    atomic_init(&a.next_item, 0);
     /* below a few hundred thousand multiply-adds a pool wake-up costs more than it saves */
     const double work = (double)n_q * (double)n_head * (double)n_kv * (double)(dk + dv);
-    gr_pool_run(run_attention, &a, work >= 2e5 ? nth : 1);
+    /* claimed work: a worker descheduled by another process is skipped, not waited for */
+    gr_pool_run_dynamic(run_attention, &a, work >= 2e5 ? nth : 1);
     free(scratch);
     pthread_mutex_unlock(&ops_mutex);
     return GR_OK;
