@@ -6,8 +6,9 @@ call, `gr_moe_ffn`, which groups tokens by expert so each active expert runs one
 
 Every access to routed experts goes through the ExpertStore: it owns the per-expert views (slices of
 the mapped 3-D `ffn_*_exps` tensors, never copies; only the selected experts' bytes are read) and
-counts how often each expert is used, which is what placement (hot experts resident, cold ones left
-mapped) will be decided from.
+counts how often each expert is used. With an ExpertCache attached (`store.cache`, see
+expert_cache.py) the pointers are rewritten before each call so hot experts point into a resident
+arena and cold ones are read on demand; without one every pointer is the mapped slice.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class ExpertStore:
         self.layers: dict[int, _ExpertLayer] = {}
         self.counts: dict[int, np.ndarray] = {}
         self.tokens: dict[int, int] = {}
+        self.cache = None  # an expert_cache.ExpertCache, which places experts before each call
 
     def add_layer(self, il: int, prefix: str, n_expert: int, n_ff: int, n_embd: int) -> None:
         f = self.file
@@ -101,6 +103,8 @@ class ExpertStore:
         """sum_k weights[:, k] * expert_{ids[:, k]}(x): one native call for the whole batch."""
         L = self.layers[il]
         self.record(il, ids)
+        if self.cache is not None:
+            self.cache.prepare(il, ids, x)
         return _ffn_call(L.gate.qtype, L.up.qtype, L.down.qtype, L.ptrs, L.n_expert, L.n_embd, L.n_ff, x, ids,
                          weights, limit)
 
