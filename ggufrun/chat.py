@@ -46,6 +46,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.out = out or sys.stdout
         self.load_seconds = 0.0
+        self.expert_stats_file = None  # written at exit (warm start for the next session)
 
     @classmethod
     def from_args(cls, a) -> "ChatSession":
@@ -53,11 +54,15 @@ class ChatSession:
         from .cli import sampling_kwargs
         t = time.perf_counter()
         print("loading model ...", file=sys.stderr, flush=True)
-        llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size)
+        from .cli import check_sizes, placement_kwargs, print_plan
+        check_sizes(a)
+        llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, **placement_kwargs(a))
+        print_plan(llm)
         s = cls(llm, system=a.system, max_tokens=a.n_predict, **sampling_kwargs(a))
         if getattr(a, "mtp", None) is not None:
             llm.mtp = a.mtp
         s.load_seconds = time.perf_counter() - t
+        s.expert_stats_file = a.expert_stats_file
         return s
 
     # -- conversation -----------------------------------------------------------------------------
@@ -203,6 +208,12 @@ class ChatSession:
             setting = "all" if llm.mtp is None else llm.mtp
             lines.append(f"mtp        {llm.mtp_heads} heads, mtp={setting}; "
                          + (s.mtp.summary().removeprefix("mtp: ") if s.mtp is not None else "off in the last reply"))
+        cache = getattr(llm, "expert_cache", None)
+        if cache is not None:  # since load: hit rate, bytes read per token, prefetch accuracy
+            t = cache.stats.summary()
+            lines.append(f"experts    cache {human_bytes(cache.capacity_bytes)} ({cache.n_slots} slots),"
+                         f" hit rate {t['hit_rate']:.1%}, read {human_bytes(t['bytes_per_token'])}/token,"
+                         f" prefetch recall {t['prefetch_recall']:.1%} precision {t['prefetch_precision']:.1%}")
         return "\n".join(lines)
 
     # -- terminal ---------------------------------------------------------------------------------
@@ -240,6 +251,13 @@ class ChatSession:
             return "\n".join(lines)
 
     def repl(self) -> int:
+        try:
+            return self._repl()
+        finally:
+            if self.expert_stats_file:
+                self.llm.save_expert_stats(self.expert_stats_file)
+
+    def _repl(self) -> int:
         # Ctrl-C must reach us even when started from a context that ignores SIGINT (a background job
         # of a non-interactive shell hands that disposition down, and Python then never raises
         # KeyboardInterrupt)

@@ -28,11 +28,37 @@ def _add_sampling_args(p: argparse.ArgumentParser, temp: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mtp", type=int, default=None, metavar="N",
-                   help="speculative decoding with the model's MTP heads: draft up to N tokens per step (0: off;"
-                        " default: every head the file has). Output is unchanged; the draft length adapts to"
-                        " measured acceptance and step cost")
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expert placement (MoE models)")
+    g.add_argument("--expert-cache", metavar="SIZE",
+                   help="keep SIZE bytes of hot routed experts resident, read cold ones from the file on demand"
+                        " (e.g. 600M, 1.5G; K/M/G are powers of 1024, KB/MB/GB of 1000)")
+    g.add_argument("--mem-budget", metavar="SIZE",
+                   help="total memory to use: always-active weights, KV cache and a runtime reserve first, the"
+                        " rest becomes the expert cache (ignored when --expert-cache is given)")
+    g.add_argument("--expert-stats-file", metavar="FILE",
+                   help="warm start: read expert use counts from FILE if it exists (the most used experts are"
+                        " loaded first) and write the updated counts back at exit")
+    g.add_argument("--no-prefetch", action="store_true", help="do not predict and read the next layer's experts")
+    g.add_argument("--mlock", action="store_true", help="lock the expert cache in RAM")
+
+
+def placement_kwargs(a: argparse.Namespace) -> dict:
+    return dict(expert_cache=a.expert_cache, mem_budget=a.mem_budget if a.expert_cache is None else None,
+                expert_stats_file=a.expert_stats_file, prefetch=not a.no_prefetch, mlock=a.mlock)
+
+
+def check_sizes(a: argparse.Namespace) -> None:
+    """Bad SIZE strings fail before a model is opened."""
+    from .expert_cache import parse_size
+    for v in (getattr(a, "expert_cache", None), getattr(a, "mem_budget", None)):
+        if v is not None:
+            parse_size(v)
+
+
+def print_plan(llm) -> None:
+    if llm.placement is not None:
+        print("placement:", *llm.placement.lines(), sep="\n", file=sys.stderr)
 
 
 def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
@@ -52,9 +78,25 @@ def cmd_info(a) -> int:
     from .gguf_file import GGUFFile
     from .hub import resolve
     from .info import describe, format_info
+    check_sizes(a)
     with GGUFFile(resolve(a.model, pull_missing=False)) as f:
         d = describe(f)
-    print(json.dumps(d, indent=2) if a.json else format_info(d))
+        p = None
+        if a.plan:
+            from .expert_cache import parse_size, plan
+            if a.mem_budget is None and a.expert_cache is None:
+                raise ValueError("--plan needs --mem-budget SIZE (or --expert-cache SIZE)")
+            p = plan(f, mem_budget=None if a.mem_budget is None else parse_size(a.mem_budget),
+                     expert_cache=None if a.expert_cache is None else parse_size(a.expert_cache), n_ctx=a.ctx_size)
+    if a.json:
+        if p is not None:
+            from dataclasses import asdict
+            d["placement"] = asdict(p)
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_info(d))
+        if p is not None:
+            print("placement plan (not loaded):", *p.lines(), sep="\n")
     return 0
 
 
@@ -73,7 +115,9 @@ def cmd_pull(a) -> int:
 
 def cmd_run(a) -> int:
     from . import api
-    llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size)
+    check_sizes(a)
+    llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, **placement_kwargs(a))
+    print_plan(llm)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     add_special = True
     if a.chat:
@@ -96,6 +140,12 @@ def cmd_run(a) -> int:
         experts = getattr(llm.model, "experts", None)
         lines = experts.report(top=8) if experts is not None and experts.layers else ["(no routed experts in this model)"]
         print("expert use (prompt and generated tokens):", *lines, sep="\n", file=sys.stderr)
+        if llm.expert_cache is not None:
+            print("expert placement (prompt and generated tokens):", *llm.expert_cache.report(), sep="\n",
+                  file=sys.stderr)
+    if a.expert_stats_file:
+        llm.save_expert_stats(a.expert_stats_file)
+    llm.close()
     return 0
 
 
@@ -116,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a GGUF file holds and what it costs per token")
     p.add_argument("model", help="GGUF path or registry name (already pulled)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plan", action="store_true",
+                   help="show where weights would go under --mem-budget / --expert-cache, without loading")
+    p.add_argument("--mem-budget", metavar="SIZE", help="total memory for --plan (e.g. 800M)")
+    p.add_argument("--expert-cache", metavar="SIZE", help="expert cache size for --plan instead of a total")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context the KV cache is sized for (--plan)")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("pull", help="fetch a model into the model cache")
@@ -132,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="speed and (with MTP) draft acceptance to stderr")
     _add_mtp_arg(p)
     p.add_argument("--expert-stats", action="store_true",
-                   help="after generating, print per-layer routed-expert use (top experts, skew) to stderr")
+                   help="after generating, print per-layer routed-expert use (top experts, skew) and, with an"
+                        " expert cache, its hit rate, bytes read per token and prefetch accuracy to stderr"
+                        " (to save the counts for a warm start use --expert-stats-file FILE)")
+    _add_placement_args(p)
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_run)
 
@@ -149,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=1024, help="max tokens per reply")
     p.add_argument("--system", help="system prompt")
     _add_mtp_arg(p)
+    _add_placement_args(p)
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_chat)
     return ap
