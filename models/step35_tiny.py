@@ -100,6 +100,13 @@ CONFIGS = {c.name: c for c in (
            shared_head=True, llama3_rope=True, clamp_exp=(0, 2.0, 2.0, 2.0, 2.0), seed=3),
 )}
 
+# Benchmark-sized configs (not in CONFIGS: each file is ~1.45 GB and takes minutes to write; see
+# write_streamed). The shape of the earlier llama.cpp measurement: 24 layers, hidden 1024, 64 experts
+# top 8, expert FFN 512; one leading dense block, sliding layers three in four as in the real model.
+BENCH = Config("bench", n_layer=24, n_dense=1, n_nextn=0, n_embd=1024, head_dim=128, n_head=8, n_head_kv=2,
+               n_head_swa=8, n_head_kv_swa=2, window=512, swa=tuple(i % 4 != 3 for i in range(24)),
+               n_ff=2048, n_expert=64, n_used=8, n_ff_exp=512, n_ff_shexp=512, seed=7)
+
 QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q4_K_M", "MXFP4")
 
 
@@ -267,6 +274,83 @@ def write(cfg: Config, q: str, path: str | Path) -> Path:
             t = "Q8_0" if arr.shape[-1] % 32 == 0 else "F16"
         tensors[name] = (arr, t)
     quant.write_gguf(path, ARCH, metadata(cfg, FILE_TYPES[q]), tensors)
+    return Path(path)
+
+
+def zipf_router(cfg: Config, layer: int, zipf_beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Router weight and selection bias with skewed expert popularity.
+
+    Experts are given a random popularity rank r = 1..n_expert per layer and a selection bias
+    -zipf_beta * ln(r): selection is sigmoid(score) + bias, so the bias gap between rank 1 and rank r grows
+    like the log of the rank, which makes the selection frequency fall off roughly as a power of the
+    rank (a Zipf-like law, as routing traces of real MoE models show within one context). The router
+    weight gain is 1.0 rather than 1.5, so scores still vary by token (routing stays input dependent and
+    predictable from the hidden state) but the bias decides which experts are hot.
+    """
+    rng = np.random.default_rng((cfg.seed, layer, 1))
+    w = (rng.standard_normal((cfg.n_expert, cfg.n_embd)) / math.sqrt(cfg.n_embd)).astype(np.float32)
+    rank = rng.permutation(cfg.n_expert) + 1
+    return w, (-zipf_beta * np.log(rank)).astype(np.float32)
+
+
+def write_streamed(cfg: Config, q: str, path: str | Path, zipf_beta: float = 0.0, _payloads: dict | None = None) -> Path:
+    """Write a large file tensor by tensor: each tensor is drawn from its own seeded generator and
+    quantized at once, so peak memory is the quantized file plus one float tensor (the float weights of
+    the benchmark config are ~10 GB). zipf_beta > 0 replaces the routers with zipf_router's. `_payloads`
+    (a dict) caches quantized tensors between calls, so a random and a skewed file that share everything
+    but the routers are quantized once."""
+    n_vocab = len(tokenizer_metadata()["tokenizer.ggml.tokens"])
+    E, hd = cfg.n_embd, cfg.head_dim
+    cache = _payloads if _payloads is not None else {}
+    specs: dict[str, tuple] = {}
+    for i in range(cfg.block_count):
+        p = f"blk.{i}."
+        H, Hkv = cfg.heads(i)
+        specs.update({p + "attn_norm.weight": ("norm", E), p + "attn_q.weight": ("mat", H * hd, E, 1.0),
+                      p + "attn_k.weight": ("mat", Hkv * hd, E, 1.0), p + "attn_v.weight": ("mat", Hkv * hd, E, 1.0),
+                      p + "attn_q_norm.weight": ("norm", hd), p + "attn_k_norm.weight": ("norm", hd),
+                      p + "attn_gate.weight": ("mat", H, E, 2.0), p + "attn_output.weight": ("mat", E, H * hd, 0.7),
+                      p + "ffn_norm.weight": ("norm", E)})
+        if not cfg.is_moe(i):
+            specs.update({p + "ffn_gate.weight": ("mat", cfg.n_ff, E, 1.0), p + "ffn_up.weight": ("mat", cfg.n_ff, E, 1.0),
+                          p + "ffn_down.weight": ("mat", E, cfg.n_ff, 0.7)})
+            continue
+        X, F, S = cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
+        specs.update({p + "ffn_gate_inp.weight": ("router", i), p + "exp_probs_b.bias": ("bias", i),
+                      p + "ffn_gate_exps.weight": ("mat", F, E, 1.0, X), p + "ffn_up_exps.weight": ("mat", F, E, 1.0, X),
+                      p + "ffn_down_exps.weight": ("mat", E, F, 0.5, X),
+                      p + "ffn_gate_shexp.weight": ("mat", S, E, 1.0), p + "ffn_up_shexp.weight": ("mat", S, E, 1.0),
+                      p + "ffn_down_shexp.weight": ("mat", E, S, 0.5)})
+    specs = {"token_embd.weight": ("mat", n_vocab, E, math.sqrt(E)), "output_norm.weight": ("norm", E),
+             "output.weight": ("mat", n_vocab, E, 4.0), **specs}
+    tensors = {}
+    for k, (name, spec) in enumerate(specs.items()):
+        rng = np.random.default_rng((cfg.seed, k))
+        kind = spec[0]
+        if kind == "norm":
+            tensors[name] = ((1.0 + 0.1 * rng.standard_normal(spec[1])).astype(np.float32), "F32")
+        elif kind in ("router", "bias"):
+            if zipf_beta > 0:
+                w, b = zipf_router(cfg, spec[1], zipf_beta)
+            else:
+                w = (rng.standard_normal((cfg.n_expert, E)) * (1.5 / math.sqrt(E))).astype(np.float32)
+                b = (0.2 * np.random.default_rng((cfg.seed, k, 2)).standard_normal(cfg.n_expert)).astype(np.float32)
+            tensors[name] = (w if kind == "router" else b, "F32")
+        else:
+            rows, cols, gain = spec[1:4]
+            shape = (spec[4], rows, cols) if len(spec) > 4 else (rows, cols)
+            t = tensor_type(name, shape, q, cfg.block_count)
+            key = (cfg, q, name)
+            if key not in cache:
+                # per expert: the float copy of a 3-D tensor is 64x one expert
+                lead = shape[0] if len(shape) == 3 else 1
+                parts = [quant.quantize((rng.standard_normal(shape[-2:]) * (gain / math.sqrt(cols))).astype(np.float32), t)
+                         for _ in range(lead)]
+                cache[key] = np.concatenate([np.ascontiguousarray(x).reshape(-1) for x in parts])
+            tensors[name] = (cache[key], t, shape)
+    md = metadata(cfg, FILE_TYPES[q])
+    md["general.name"] = f"step35-{cfg.name}" + (f"-zipf{zipf_beta:g}" if zipf_beta > 0 else "")
+    quant.write_gguf(path, ARCH, md, tensors)
     return Path(path)
 
 
