@@ -196,9 +196,11 @@ class Model(TransformerLM):
         self.experts = ExpertStore(f)
         self.blocks = [Block(f, i, p, self.experts) for i in range(p.n_layer)]
         # MTP heads, when the file carries their tensors (llama.cpp probes the first block's eh_proj)
+        # (their routed experts in a store of their own: trunk expert statistics and placement stay the trunk's)
         self.nextn = []
+        self.mtp_experts = ExpertStore(f)
         if p.n_nextn and f"blk.{p.n_layer}.nextn.eh_proj.weight" in f:
-            self.nextn = [NextN(f, p.n_layer + j, p, self.experts, self) for j in range(p.n_nextn)]
+            self.nextn = [NextN(f, p.n_layer + j, p, self.mtp_experts, self) for j in range(p.n_nextn)]
 
     def forward_hidden(self, tokens: np.ndarray, cache) -> np.ndarray:
         """Like forward(), but returns the trunk's pre-norm hidden state of every position (what the MTP
