@@ -221,40 +221,50 @@ class LLM:
         stats.cached_tokens = reused
         stats.prompt_tokens = len(ids) - reused
         stats.prompt_seconds = time.perf_counter() - t0
-        decoder = self.tokenizer.stream_decoder()
-        text_so_far = ""
         t1 = time.perf_counter()
-        stats.stop_reason = "length"
         try:
-            for i in range(max_tokens):
-                tok = sampler.sample(logits[-1])
-                stats.generated_tokens += 1
-                if tok in self.tokenizer.eog_ids:
-                    stats.stop_reason = "eos"
-                    break
-                piece = decoder.feed(tok)
-                if piece:
-                    if stop:
-                        text_so_far += piece
-                        hit = next((s for s in stop if s in text_so_far), None)
-                        if hit is not None:
-                            stats.stop_reason = "stop"
-                            keep = text_so_far.index(hit) - (len(text_so_far) - len(piece))
-                            if keep > 0:
-                                yield piece[:keep]
-                            break
-                    yield piece
-                if i + 1 < max_tokens:
-                    if self.cache.n_past + 1 > self.n_ctx:
-                        stats.stop_reason = "context"
-                        break
-                    logits = self._eval([tok])
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            yield from self._text_pieces(self._plain_tokens(logits, sampler, max_tokens, stats), stats, stop)
         finally:
             stats.generate_seconds = time.perf_counter() - t1
 
+    def _plain_tokens(self, logits, sampler, max_tokens, stats):
+        """Sample a token, then evaluate it for the next logits (only if the consumer asks for more)."""
+        for i in range(max_tokens):
+            tok = sampler.sample(logits[-1])
+            yield tok
+            if i + 1 < max_tokens:
+                if self.cache.n_past + 1 > self.n_ctx:
+                    stats.stop_reason = "context"
+                    return
+                logits = self._eval([tok])
+
+    def _text_pieces(self, tokens, stats, stop: Sequence[str]) -> Iterator[str]:
+        """Tokens to streamed text: stops at end-of-generation tokens and at any `stop` string (which is
+        not emitted), holds back partial UTF-8 characters; counts tokens and the stop reason."""
+        decoder = self.tokenizer.stream_decoder()
+        text_so_far = ""
+        stats.stop_reason = "length"
+        for tok in tokens:
+            stats.generated_tokens += 1
+            if tok in self.tokenizer.eog_ids:
+                stats.stop_reason = "eos"
+                break
+            piece = decoder.feed(tok)
+            if not piece:
+                continue
+            if stop:
+                text_so_far += piece
+                hit = next((s for s in stop if s in text_so_far), None)
+                if hit is not None:
+                    stats.stop_reason = "stop"
+                    keep = text_so_far.index(hit) - (len(text_so_far) - len(piece))
+                    if keep > 0:
+                        yield piece[:keep]
+                    return
+            yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
 
     # -- speculative decoding with the MTP heads ----------------------------------------------------
     def _stream_mtp(self, ids, max_tokens, sampler, stop, k_max, stats) -> Iterator[str]:
@@ -266,34 +276,17 @@ class LLM:
         stats.cached_tokens = reused
         stats.prompt_tokens = len(ids) - reused
         stats.prompt_seconds = time.perf_counter() - t0
-        decoder = self.tokenizer.stream_decoder()
-        text_so_far = ""
         t1 = time.perf_counter()
-        stats.stop_reason = "length"
         gen = self._mtp_tokens(logits, sampler, k_max, max_tokens, stats)
         last_pos = None
-        try:
+
+        def tokens():
+            nonlocal last_pos
             for tok, pos in gen:
                 last_pos = pos
-                stats.generated_tokens += 1
-                if tok in self.tokenizer.eog_ids:
-                    stats.stop_reason = "eos"
-                    break
-                piece = decoder.feed(tok)
-                if piece:
-                    if stop:
-                        text_so_far += piece
-                        hit = next((s for s in stop if s in text_so_far), None)
-                        if hit is not None:
-                            stats.stop_reason = "stop"
-                            keep = text_so_far.index(hit) - (len(text_so_far) - len(piece))
-                            if keep > 0:
-                                yield piece[:keep]
-                            break
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+                yield tok
+        try:
+            yield from self._text_pieces(tokens(), stats, stop)
         finally:
             gen.close()
             # accepted drafts past the last token taken are dropped: the cache ends where the plain
