@@ -7,8 +7,8 @@ Writes two step35 Q4_K_M files with models/step35_tiny.py's BENCH recipe (24 lay
 experts top 8, ~1.45 GB): routing as random weights give it, and Zipf-skewed routing (selection bias
 -0.12 * ln(rank); see step35_tiny.zipf_router). Each runtime runs in a fresh subprocess, unlimited and
 then inside a cgroup v1 memory group (memory.limit_in_bytes = file size * limit-frac; page cache counts
-against it). The file's page cache is dropped (posix_fadvise DONTNEED) before every run, so each starts
-cold. Same prompt, same threads, greedy decoding; the table gives decode tokens/s, the cgroup's peak
+against it). Limited runs start cold (the file's page cache dropped with posix_fadvise DONTNEED);
+unlimited runs start with the file read into the page cache, their steady state. Same prompt, same threads, greedy decoding; the table gives decode tokens/s, the cgroup's peak
 usage, and for ggufrun the expert cache's hit rate, bytes read per token and prefetch accuracy, and
 whether each limited run's tokens equal its unlimited run's.
 
@@ -59,7 +59,7 @@ def worker_ggufrun(a) -> dict:
             logits = llm._eval([tok])
     dec_s = time.perf_counter() - t2
     out = {"tokens": toks, "decode_tps": (a.n_gen - 1) / dec_s, "prompt_s": prompt_s, "load_s": load_s,
-           "n_prompt": len(ids)}
+           "n_prompt": len(ids), "anon_bytes": _anon_bytes()}
     if llm.expert_cache is not None:
         c = llm.expert_cache
         out["cache"] = {**c.stats.summary(), "slots": c.n_slots, "cache_bytes": c.capacity_bytes,
@@ -70,25 +70,50 @@ def worker_ggufrun(a) -> dict:
 
 def worker_llamacpp(a) -> dict:
     import llama_cpp
+    import llama_cpp.llama_cpp as low
     import numpy as np
+    # Llama() swallows unknown keyword arguments, use_extra_bufts among them: set it in the defaults it
+    # starts from, so the weights stay in the mapping instead of being repacked into anonymous memory
+    default_params = low.llama_model_default_params
+
+    def no_repack():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+    low.llama_model_default_params = llama_cpp.llama_model_default_params = no_repack
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_batch=512, n_threads=a.threads, n_threads_batch=a.threads,
-                          use_mmap=True, use_extra_bufts=False, verbose=False)
+    # n_batch 64: llama-cpp-python keeps an n_batch x n_vocab float array and llama.cpp a compute buffer
+    # sized by the batch; at 512 those alone put it over a 733 MiB limit (OOM-killed)
+    llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_batch=64, n_ubatch=64, n_threads=a.threads,
+                          n_threads_batch=a.threads, use_mmap=True, verbose=False)
     load_s = time.perf_counter() - t0
     ids = llm.tokenize(PROMPT.encode())
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # llm.scores is only filled with logits_all; the context's buffer has the last row
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
     t1 = time.perf_counter()
     llm.eval(ids)
     prompt_s = time.perf_counter() - t1
     toks = []
     t2 = time.perf_counter()
     for i in range(a.n_gen):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         toks.append(tok)
         if i + 1 < a.n_gen:
             llm.eval([tok])
     dec_s = time.perf_counter() - t2
     return {"tokens": toks, "decode_tps": (a.n_gen - 1) / dec_s, "prompt_s": prompt_s, "load_s": load_s,
-            "n_prompt": len(ids)}
+            "n_prompt": len(ids), "anon_bytes": _anon_bytes()}
+
+
+def _anon_bytes() -> int:
+    """RssAnon: what the process holds outside file mappings (a repacking llama.cpp holds the model)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 # -- the driver -----------------------------------------------------------------------------------------------
@@ -133,8 +158,19 @@ class Cgroup:
             pass
 
 
+def warm_file_cache(path: Path) -> None:
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(16 << 20):
+            pass
+
+
 def run_worker(runtime: str, model: Path, a, cg: Cgroup | None, mem_budget: int | None, timeout: float) -> dict:
-    drop_file_cache(model)
+    # limited runs start cold (the file cannot stay cached under the limit anyway); unlimited runs start
+    # with the whole file in the page cache, their steady state
+    if cg is not None:
+        drop_file_cache(model)
+    else:
+        warm_file_cache(model)
     cmd = [sys.executable, __file__, "--worker", runtime, "--model", str(model), "-n", str(a.n_gen),
            "-t", str(a.threads), "--ctx", str(a.ctx)]
     if mem_budget is not None:
@@ -152,9 +188,12 @@ def run_worker(runtime: str, model: Path, a, cg: Cgroup | None, mem_budget: int 
     if r.returncode == 0:
         out = json.loads(r.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t
+    out["loadavg_after"] = float(Path("/proc/loadavg").read_text().split()[0])  # others share the machine
     if cg is not None:
         out["peak_bytes"] = cg.read("memory.max_usage_in_bytes")
-        out["oom_kills"] = cg.read("memory.failcnt")
+        out["limit_hits"] = cg.read("memory.failcnt")   # times usage hit the limit (reclaim), not kills
+        oom = dict(line.split() for line in (cg.path / "memory.oom_control").read_text().splitlines())
+        out["oom_kills"] = int(oom.get("oom_kill", 0))
     return out
 
 
@@ -164,7 +203,7 @@ def main() -> int:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--mem-budget", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default="/tmp/ggufrun-placement", help="where the model files are written")
-    ap.add_argument("-n", "--n-gen", type=int, default=32)
+    ap.add_argument("-n", "--n-gen", type=int, default=48)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--limit-frac", type=float, default=0.5, help="cgroup limit as a fraction of the file size")
