@@ -10,7 +10,8 @@ then inside a cgroup v1 memory group (memory.limit_in_bytes = file size * limit-
 against it). Limited runs start cold (the file's page cache dropped with posix_fadvise DONTNEED);
 unlimited runs start with the file read into the page cache, their steady state. Same prompt, same threads, greedy decoding; the table gives decode tokens/s, the cgroup's peak
 usage, and for ggufrun the expert cache's hit rate, bytes read per token and prefetch accuracy, and
-whether each limited run's tokens equal its unlimited run's.
+whether each limited run's tokens equal its unlimited run's. A third ggufrun run under the limit starts
+warm: from expert statistics (--expert-stats-file) saved by an unlimited run over a different text.
 
 llama.cpp runs from its mapping (use_extra_bufts=False: otherwise it repacks K-quants into anonymous
 memory and is OOM-killed under the limit). ggufrun gets --mem-budget = the limit minus a margin for the
@@ -31,6 +32,9 @@ ROOT = HERE.parent
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 PROMPT = ("The committee met on a grey Tuesday morning to decide what the village should do about the old mill,"
           " whose wheel had not turned in forty years and whose roof now leaked onto the grain")
+# the warm-start statistics come from another text, so a warm run is not told the answer
+STATS_PROMPT = ("In the spring of that year the harbour froze for the last time, and the fishermen, who had"
+                " waited three weeks for the ice to break, began to mend their nets on the quay")
 ZIPF_BETA = 0.12
 LIB_MARGIN = 32 << 20   # shared-library pages the cgroup charges beyond ggufrun's own reserve
 
@@ -42,9 +46,11 @@ def worker_ggufrun(a) -> dict:
     import ggufrun
     t0 = time.perf_counter()
     kw = {} if a.mem_budget is None else {"mem_budget": a.mem_budget, "prefetch": not a.no_prefetch}
+    if a.stats_in:
+        kw["expert_stats_file"] = a.stats_in
     llm = ggufrun.load(a.model, n_threads=a.threads, n_ctx=a.ctx, **kw)
     load_s = time.perf_counter() - t0
-    ids = llm.tokenize(PROMPT)
+    ids = llm.tokenize(STATS_PROMPT if a.stats_out else PROMPT)
     toks = []
     t1 = time.perf_counter()
     logits, _ = llm._prefill(ids)
@@ -65,6 +71,8 @@ def worker_ggufrun(a) -> dict:
         out["cache"] = {**c.stats.summary(), "slots": c.n_slots, "cache_bytes": c.capacity_bytes,
                         "n_experts": sum(L.n_expert for L in c.layers.values()), "direct": all(c.reader.direct)}
         out["plan"] = llm.placement.lines()
+    if a.stats_out:
+        llm.save_expert_stats(a.stats_out)
     return out
 
 
@@ -164,7 +172,8 @@ def warm_file_cache(path: Path) -> None:
             pass
 
 
-def run_worker(runtime: str, model: Path, a, cg: Cgroup | None, mem_budget: int | None, timeout: float) -> dict:
+def run_worker(runtime: str, model: Path, a, cg: Cgroup | None, mem_budget: int | None, timeout: float,
+               stats_in: Path | None = None, stats_out: Path | None = None) -> dict:
     # limited runs start cold (the file cannot stay cached under the limit anyway); unlimited runs start
     # with the whole file in the page cache, their steady state
     if cg is not None:
@@ -177,6 +186,10 @@ def run_worker(runtime: str, model: Path, a, cg: Cgroup | None, mem_budget: int 
         cmd += ["--mem-budget", str(mem_budget)]
     if a.no_prefetch:
         cmd += ["--no-prefetch"]
+    if stats_in is not None:
+        cmd += ["--stats-in", str(stats_in)]
+    if stats_out is not None:
+        cmd += ["--stats-out", str(stats_out)]
     if cg is not None:
         cg.reset_peak()
     t = time.perf_counter()
@@ -202,6 +215,8 @@ def main() -> int:
     ap.add_argument("--worker", choices=["ggufrun", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--mem-budget", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--stats-in", help=argparse.SUPPRESS)
+    ap.add_argument("--stats-out", help=argparse.SUPPRESS)
     ap.add_argument("--dir", default="/tmp/ggufrun-placement", help="where the model files are written")
     ap.add_argument("-n", "--n-gen", type=int, default=48)
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -252,6 +267,15 @@ def main() -> int:
                     res[f"{runtime} {'limited' if limited else 'unlimited'}"] = r
                     print(f"[{label}] {json.dumps({k: v for k, v in r.items() if k not in ('tokens', 'plan')})}",
                           file=sys.stderr, flush=True)
+            # warm start: expert statistics saved by an unlimited run over another text, then a limited run
+            stats = d / f"{path.stem}.expert-stats.json"
+            print(f"[{kind} ggufrun stats run on another text] ...", file=sys.stderr, flush=True)
+            run_worker("ggufrun", path, replace_n(a, 64), None, None, a.timeout, stats_out=stats)
+            print(f"[{kind} ggufrun limited, warm start] ...", file=sys.stderr, flush=True)
+            r = run_worker("ggufrun", path, a, cg, limit - LIB_MARGIN, a.timeout, stats_in=stats)
+            res["ggufrun limited warm"] = r
+            print(f"[{kind} ggufrun limited, warm start] "
+                  f"{json.dumps({k: v for k, v in r.items() if k not in ('tokens', 'plan')})}", file=sys.stderr, flush=True)
             results[kind] = res
         finally:
             cg.remove()
@@ -259,6 +283,12 @@ def main() -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def replace_n(a, n_gen: int):
+    b = argparse.Namespace(**vars(a))
+    b.n_gen = n_gen
+    return b
 
 
 def print_table(results: dict, a) -> None:
@@ -269,11 +299,14 @@ def print_table(results: dict, a) -> None:
     for kind, res in results.items():
         for runtime in ("ggufrun", "llama.cpp"):
             ref = res.get(f"{runtime} unlimited", {}).get("tokens")
-            for limited in (False, True):
-                r = res.get(f"{runtime} {'limited' if limited else 'unlimited'}")
+            for limited in (False, True, "warm"):
+                key = f"{runtime} {'unlimited' if not limited else 'limited' if limited is True else 'limited warm'}"
+                r = res.get(key)
                 if r is None:
                     continue
                 mem = f"limit {res['limit_bytes'] * mb:.0f} MiB" if limited else "unlimited"
+                if limited == "warm":
+                    mem += " warm"
                 if "error" in r:
                     print(f"{kind:<8} {runtime:<10} {mem:<20} {r['error']}")
                     continue
@@ -285,11 +318,15 @@ def print_table(results: dict, a) -> None:
                 print(f"{kind:<8} {runtime:<10} {mem:<20} {r['decode_tps']:10.2f} {peak} {same:>8}{extra}")
         g, l = res.get("ggufrun limited", {}), res.get("llama.cpp limited", {})
         if "decode_tps" in g and "decode_tps" in l:
-            print(f"{kind:<8} ggufrun / llama.cpp under the limit: {g['decode_tps'] / l['decode_tps']:.1f}x")
+            w = res.get("ggufrun limited warm", {})
+            print(f"{kind:<8} ggufrun / llama.cpp under the limit: {g['decode_tps'] / l['decode_tps']:.1f}x cold"
+                  + (f", {w['decode_tps'] / l['decode_tps']:.1f}x with a warm start" if "decode_tps" in w else ""))
         gu, lu = res.get("ggufrun unlimited", {}), res.get("llama.cpp unlimited", {})
         if "tokens" in gu and "tokens" in lu:
             n = next((i for i, (x, y) in enumerate(zip(gu["tokens"], lu["tokens"])) if x != y), len(gu["tokens"]))
             print(f"{kind:<8} ggufrun and llama.cpp agree on the first {n} of {len(gu['tokens'])} greedy tokens")
+        if "plan" in g:
+            print(f"{kind:<8} ggufrun's plan under the limit:", *g["plan"], sep="\n  ")
 
 
 if __name__ == "__main__":

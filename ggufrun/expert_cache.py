@@ -558,7 +558,13 @@ class ExpertCache:
         return lines
 
     def close(self) -> None:
+        """Stop the I/O threads and point every expert back at the mapping, so the model stays usable
+        (uncached) after the arena is gone."""
         self.pool.shutdown(wait=True)
+        for s in range(self.n_slots):
+            self._evict(s)
+        if self.store.cache is self:
+            self.store.cache = None
         self.reader.close()
 
 

@@ -101,6 +101,12 @@ def test_cache_respects_its_byte_budget(tiny):
                 else:
                     assert ptr == int(ggufrun.native._ffi.cast("uintptr_t", L.mapped[p][e]))
     llm.close()
+    # closing unmaps nothing under the model: every pointer is back on the mapping and it still runs
+    assert llm.model.experts.cache is None
+    for L in cache.layers.values():
+        for p in range(3):
+            assert all(L.ptrs[p][e] == L.mapped[p][e] for e in range(L.n_expert))
+    assert llm.generate(TEXT, max_tokens=2, temperature=0)
 
 
 def test_plan_from_memory_budget(tiny):
