@@ -388,14 +388,16 @@ class ExpertCache:
                 out[m] = self._eff(L, self.slot_expert[m])
         return out
 
-    def _victims(self, k: int, protect: set[int]) -> list[int]:
-        """k slots to fill: free ones first, then the lowest-scored resident experts not in `protect`
-        and not being read."""
+    def _victims(self, k: int, protect: set[int], admit: np.ndarray | None = None) -> list[int]:
+        """Up to k slots to fill: free ones first, then the lowest-scored resident experts not in
+        `protect` and not being read. With `admit` (the newcomers' scores, descending) the j-th evicted
+        expert must score below the j-th remaining newcomer: a batch does not push out a hotter set."""
         got = []
         while self.free and len(got) < k:
             got.append(self.free.pop())
         if len(got) == k:
             return got
+        n_free = len(got)
         sc = self._slot_scores()
         for s in protect:
             sc[s] = np.inf
@@ -407,9 +409,12 @@ class ExpertCache:
         need = k - len(got)
         cand = np.argpartition(sc, min(need, self.n_slots - 1))[:need] if need < self.n_slots else np.argsort(sc)
         for s in cand[np.argsort(sc[cand], kind="stable")]:
-            if np.isfinite(sc[s]) and len(got) < k:
-                self._evict(int(s))
-                got.append(int(s))
+            if not np.isfinite(sc[s]) or len(got) >= k:
+                break
+            if admit is not None and not sc[s] < admit[len(got)]:
+                break
+            self._evict(int(s))
+            got.append(int(s))
         return got
 
     def _evict(self, s: int) -> None:
@@ -421,6 +426,17 @@ class ExpertCache:
             L.slot_of[e] = -1
         self.slot_layer[s] = self.slot_expert[s] = -1
         self.slot_prefetched[s] = False
+
+    def _will_need(self, L: _Layer, e: int) -> None:
+        """An expert served from the mapping: ask for it in one readahead (the tensors are MADV_RANDOM,
+        so page faults alone would read it 4 KiB at a time)."""
+        for shard, off0, stride, n in L.parts:
+            off = off0 + e * stride
+            start = off - off % PAGE
+            try:
+                self.store.file._shards[shard].map.madvise(mmap.MADV_WILLNEED, start, off + n - start)
+            except (OSError, ValueError):
+                pass
 
     def _load(self, L: _Layer, e: int, s: int) -> Future:
         """Point expert e at slot s and read it there on the I/O pool."""
@@ -479,14 +495,21 @@ class ExpertCache:
             else:
                 missing.append(e)
         if missing:
-            slots = self._victims(len(missing), resident_slots)
+            admit = None
+            if n_tok > self.prefetch_max_tokens:
+                # a batch (prefill) names most experts once: it may take free slots and colder experts'
+                # slots, never a hotter expert's (which would throw away a warm start)
+                missing.sort(key=lambda e: -L.score[e])
+                admit = L.score[missing]
+            slots = self._victims(len(missing), resident_slots, admit)
             for e, s in zip(missing, slots):
                 waits.append(self._load(L, e, s))
                 resident_slots.add(s)
                 st.misses += 1
             for e in missing[len(slots):]:
-                st.mapped += 1  # no slot left this call: the pointer stays on the mapping
+                st.mapped += 1  # no slot for it this call: the pointer stays on the mapping
                 st.bytes_read += sum(p[3] for p in L.parts)
+                self._will_need(L, e)
         for fut in waits:
             fut.result()
         self.in_use = resident_slots
