@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import mmap
 import os
 import re
