@@ -15,6 +15,21 @@ import time
 import numpy as np
 
 
+def keep_weights_mapped() -> None:
+    """Make every later Llama() load with use_extra_bufts=False, so llama.cpp computes from its mapping
+    instead of repacking K-quants into anonymous memory. Llama() swallows unknown keyword arguments,
+    use_extra_bufts among them, so the flag goes into the default parameters it starts from."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+    default_params = low.llama_model_default_params
+
+    def no_repack():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+    low.llama_model_default_params = llama_cpp.llama_model_default_params = no_repack
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -26,9 +41,10 @@ def main() -> None:
     ap.add_argument("--no-repack", action="store_true", help="use_extra_bufts=False: run from the mapping")
     a = ap.parse_args()
     import llama_cpp
-    kw = {"use_extra_bufts": False} if a.no_repack else {}
+    if a.no_repack:
+        keep_weights_mapped()
     llm = llama_cpp.Llama(a.model, n_ctx=max(a.ctx_size, a.n_prompt + a.n_gen + 8), n_batch=512, n_ubatch=512,
-                          n_threads=a.threads, n_threads_batch=a.threads, verbose=False, **kw)
+                          n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     out = {"model": os.path.basename(a.model), "threads": a.threads, "runtime": "llama.cpp " + llama_cpp.__version__}

@@ -78,17 +78,10 @@ def worker_ggufrun(a) -> dict:
 
 def worker_llamacpp(a) -> dict:
     import llama_cpp
-    import llama_cpp.llama_cpp as low
     import numpy as np
-    # Llama() swallows unknown keyword arguments, use_extra_bufts among them: set it in the defaults it
-    # starts from, so the weights stay in the mapping instead of being repacked into anonymous memory
-    default_params = low.llama_model_default_params
-
-    def no_repack():
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-    low.llama_model_default_params = llama_cpp.llama_model_default_params = no_repack
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llamacpp_bench import keep_weights_mapped
+    keep_weights_mapped()
     t0 = time.perf_counter()
     # n_batch 64: llama-cpp-python keeps an n_batch x n_vocab float array and llama.cpp a compute buffer
     # sized by the batch; at 512 those alone put it over a 733 MiB limit (OOM-killed)
