@@ -207,19 +207,25 @@ def vec_dot_type(qtype) -> GGMLQuantizationType:
     return GGMLQuantizationType(_load().gr_vec_dot_type(int(t)))
 
 
-def quantize_activations(x: np.ndarray, act_qtype) -> np.ndarray:
-    """x (float32, size a multiple of the format's block size) in activation format act_qtype (F16,
-    BF16, Q8_0, Q8_1, Q8_K) as uint8 bytes: exactly what matmul feeds its dot products."""
+def _activation_input(x, act_qtype, what: str):
+    """The checks both activation quantizers make: (lib, format, float32 x, bytes of one term)."""
     lib = _load()
     t = qtype_of(act_qtype)
     if t not in ACTIVATION_TYPES:
         raise ValueError(f"activation format must be one of {', '.join(a.name for a in ACTIVATION_TYPES)}, "
                          f"not {t.name}")
-    x = _float32_input(x, "quantize_activations x")
+    x = _float32_input(x, f"{what} x")
     bs, ts = lib.gr_block_size(int(t)), lib.gr_type_size(int(t))
     if x.size == 0 or x.size % bs:
-        raise ValueError(f"quantize_activations: {x.size} elements is not a positive multiple of {bs}")
-    out = np.empty(x.size // bs * ts, dtype=np.uint8)
+        raise ValueError(f"{what}: {x.size} elements is not a positive multiple of {bs}")
+    return lib, t, x, x.size // bs * ts
+
+
+def quantize_activations(x: np.ndarray, act_qtype) -> np.ndarray:
+    """x (float32, size a multiple of the format's block size) in activation format act_qtype (F16,
+    BF16, Q8_0, Q8_1, Q8_K) as uint8 bytes: exactly what matmul feeds its dot products."""
+    lib, t, x, nbytes = _activation_input(x, act_qtype, "quantize_activations")
+    out = np.empty(nbytes, dtype=np.uint8)
     _check(lib.gr_quantize_activations(int(t), _ffi.from_buffer("float[]", x), _ffi.from_buffer("uint8_t[]", out),
                                        x.size), f"quantize_activations {t.name}")
     return out
@@ -229,16 +235,8 @@ def quantize_activation_terms(x: np.ndarray, act_qtype) -> tuple[np.ndarray, np.
     """The two terms matmul feeds its dot products at act precision 2, as uint8 bytes of act_qtype
     blocks: q1 = quantize_activations(x), and q2 = the same format's quantization of the residual
     x - dequantize(q1) (for Q8_1 with s values completing the exact sum of both terms)."""
-    lib = _load()
-    t = qtype_of(act_qtype)
-    if t not in ACTIVATION_TYPES:
-        raise ValueError(f"activation format must be one of {', '.join(a.name for a in ACTIVATION_TYPES)}, "
-                         f"not {t.name}")
-    x = _float32_input(x, "quantize_activation_terms x")
-    bs, ts = lib.gr_block_size(int(t)), lib.gr_type_size(int(t))
-    if x.size == 0 or x.size % bs:
-        raise ValueError(f"quantize_activation_terms: {x.size} elements is not a positive multiple of {bs}")
-    out = np.empty(2 * (x.size // bs * ts), dtype=np.uint8)
+    lib, t, x, nbytes = _activation_input(x, act_qtype, "quantize_activation_terms")
+    out = np.empty(2 * nbytes, dtype=np.uint8)
     _check(lib.gr_quantize_activation_terms(int(t), _ffi.from_buffer("float[]", x),
                                             _ffi.from_buffer("uint8_t[]", out), x.size),
            f"quantize_activation_terms {t.name}")
