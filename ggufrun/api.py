@@ -212,18 +212,19 @@ class LLM:
         k_max = self._mtp_k(mtp)
         if k_max:
             stats.mtp = MTPStats(k_max)
-            yield from self._stream_mtp(ids, max_tokens, sampler, stop, k_max, stats)
-            return
         for t in ids[-sampler.cfg.repeat_last_n:] if sampler.cfg.repeat_last_n > 0 else ids:
             sampler.history.append(t)
         t0 = time.perf_counter()
-        logits, reused = self._prefill(ids)
+        logits, reused = self._prefill(ids, mtp=bool(k_max))
         stats.cached_tokens = reused
         stats.prompt_tokens = len(ids) - reused
         stats.prompt_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         try:
-            yield from self._text_pieces(self._plain_tokens(logits, sampler, max_tokens, stats), stats, stop)
+            if k_max:
+                yield from self._stream_mtp(logits, max_tokens, sampler, stop, k_max, stats)
+            else:
+                yield from self._text_pieces(self._plain_tokens(logits, sampler, max_tokens, stats), stats, stop)
         finally:
             stats.generate_seconds = time.perf_counter() - t1
 
@@ -267,16 +268,9 @@ class LLM:
             yield tail
 
     # -- speculative decoding with the MTP heads ----------------------------------------------------
-    def _stream_mtp(self, ids, max_tokens, sampler, stop, k_max, stats) -> Iterator[str]:
-        """stream_tokens with MTP drafting: the same stopping rules and text handling."""
-        for t in ids[-sampler.cfg.repeat_last_n:] if sampler.cfg.repeat_last_n > 0 else ids:
-            sampler.history.append(t)
-        t0 = time.perf_counter()
-        logits, reused = self._prefill(ids, mtp=True)
-        stats.cached_tokens = reused
-        stats.prompt_tokens = len(ids) - reused
-        stats.prompt_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
+    def _stream_mtp(self, logits, max_tokens, sampler, stop, k_max, stats) -> Iterator[str]:
+        """The decode loop's text with MTP drafting as the token source, then the rollback of drafts the
+        consumer did not take."""
         gen = self._mtp_tokens(logits, sampler, k_max, max_tokens, stats)
         last_pos = None
 
@@ -295,7 +289,6 @@ class LLM:
                 self.cache.truncate(last_pos)
                 self.tokens = self.tokens[:last_pos]
                 self._mtp_drafter().truncate(last_pos)
-            stats.generate_seconds = time.perf_counter() - t1
 
     def _mtp_tokens(self, logits, sampler, k_max, max_tokens, stats):
         """Yields (token, position): draft with the heads, verify in one trunk batch, keep the accepted
