@@ -227,6 +227,7 @@ class _Reader:
 
     def __init__(self, f: GGUFFile, direct: bool):
         self.fds, self.direct = [], []
+        self.paths = [shard.path for shard in f._shards]
         for shard in f._shards:
             fd = -1
             if direct and hasattr(os, "O_DIRECT"):
@@ -251,13 +252,15 @@ class _Reader:
                     break
                 pos += got
             if pos < offset - start + n:
-                raise OSError(f"short read at {offset}: {pos} of {offset - start + n} bytes")
+                raise OSError(f"{self.paths[shard]}: short read at offset {start}: {pos} of"
+                              f" {offset - start + n} bytes (file truncated?)")
             return pos
         pos = 0
         while pos < n:
             got = os.preadv(fd, [dst[dst_off + pos: dst_off + n]], offset + pos)
             if got <= 0:
-                raise OSError(f"short read at {offset}: {pos} of {n} bytes")
+                raise OSError(f"{self.paths[shard]}: short read at offset {offset}: {pos} of {n} bytes"
+                              f" (file truncated?)")
             pos += got
         # a buffered read leaves the pages in the page cache, which a memory cgroup charges to us
         os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
@@ -510,7 +513,16 @@ class ExpertCache:
                 st.bytes_read += sum(p[3] for p in L.parts)
                 self._will_need(L, e)
         for fut in waits:
-            fut.result()
+            try:
+                fut.result()
+            except Exception:
+                # a failed read leaves its slot half written: point the expert back at the mapping
+                for s, f in enumerate(self.slot_future):
+                    if f is not None and f.done() and f.exception() is not None:
+                        self._evict(s)
+                        self.free.append(s)
+                        self.slot_future[s] = None
+                raise
         self.in_use = resident_slots
         for s in resident_slots:
             self.slot_future[s] = None

@@ -3,6 +3,7 @@ output identical to the uncached model, the plan and SIZE parsing. Small step35 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -176,16 +177,25 @@ def test_batch_wider_than_the_cache_uses_the_mapping(tiny):
 
 # -- output is the same wherever experts live --------------------------------------------------------------
 
-@pytest.mark.parametrize("slots", [1, 9, 40])
-def test_cached_output_equals_uncached(tiny, slots):
+# (slots, O_DIRECT reads or the buffered fallback, arena mlock'ed)
+@pytest.mark.parametrize("slots,direct_io,mlock", [(1, True, False), (9, False, False), (40, True, True)])
+def test_cached_output_equals_uncached(tiny, slots, direct_io, mlock):
     ref = ggufrun.load(tiny, n_ctx=256)
     ids = ref.tokenize(TEXT)
     want_logits = ref.logits(ids)
     want = ref.generate(ids, max_tokens=16, temperature=0)
-    llm = _store(tiny, slots=slots, prefetch=True)
+    try:
+        llm = _store(tiny, slots=slots, prefetch=True, direct_io=direct_io, mlock=mlock)
+    except OSError as e:   # an unprivileged user with a small `ulimit -l`
+        pytest.skip(f"mlock not permitted here: {e}")
+    cache = llm.expert_cache
+    if direct_io and not all(cache.reader.direct):
+        pytest.skip("this filesystem refuses O_DIRECT; the buffered case covers the fallback")
+    assert all(cache.reader.direct) == direct_io
+    assert cache.locked == mlock
     assert np.array_equal(llm.logits(ids), want_logits)
     assert llm.generate(ids, max_tokens=16, temperature=0) == want
-    s = llm.expert_cache.stats.summary()
+    s = cache.stats.summary()
     assert s["misses"] > 0 and s["bytes_read"] > 0
     llm.close()
 
@@ -282,3 +292,21 @@ def test_prefetch_on_random_routing_is_partly_right(tiny):
     # 8 of 32 by chance would be 25%; the hidden state carries over between layers
     assert 0.4 < s["prefetch_recall"] <= 1.0
     llm.close()
+
+
+def test_file_truncated_under_the_cache_is_a_clear_error(tiny, tmp_path):
+    """A miss read that comes back short (the file shrank after loading) names the file; it never hands
+    the kernels a half-filled slot."""
+    import shutil
+    path = tmp_path / "shrinking.gguf"
+    shutil.copy(tiny, path)
+    llm = _store(str(path), slots=2, prefetch=False)
+    cache = llm.expert_cache
+    il = max(cache.layers)
+    L = cache.layers[il]
+    shard, off0, stride, n = L.parts[2]   # the last expert's down projection is near the end of its tensor
+    os.truncate(path, off0 + (L.n_expert - 1) * stride + n // 2)
+    with pytest.raises(OSError, match="shrinking.gguf: short read"):
+        cache.prepare(il, np.array([[L.n_expert - 1]], dtype=np.int32))
+    assert L.slot_of[L.n_expert - 1] == -1   # not left pointing at a half-read slot
+    assert L.ptrs[2][L.n_expert - 1] == L.mapped[2][L.n_expert - 1]
