@@ -379,11 +379,15 @@ def load(path: str | os.PathLike | None = None, n_threads: int | None = None, n_
         p = plan(f, mem_budget=None if mem_budget is None else parse_size(mem_budget),
                  expert_cache=None if expert_cache is None else parse_size(expert_cache),
                  kv_bytes=llm.cache.nbytes)
-        cache = ExpertCache(experts, p.cache_bytes, prefetch=prefetch, mlock=mlock, direct_io=direct_io)
+        mtp_experts = getattr(model, "mtp_experts", None)
+        more = [mtp_experts] if mtp_experts is not None and mtp_experts.layers else []
+        cache = ExpertCache(experts, p.cache_bytes, prefetch=prefetch, mlock=mlock, direct_io=direct_io,
+                            more_stores=more)
         cache.attach_prefetch(model)
         if llm.loaded_expert_stats:
             seed_scores(cache, llm.loaded_expert_stats)
             cache.warm({il: c for il, (c, _) in llm.loaded_expert_stats.items()})
-        experts.cache = cache
+        for st in cache.stores:
+            st.cache = cache
         llm.expert_cache, llm.placement = cache, p
     return llm

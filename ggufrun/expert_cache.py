@@ -291,14 +291,20 @@ class ExpertCache:
 
     def __init__(self, store, capacity_bytes: int, *, half_life: float = DEFAULT_HALF_LIFE, prefetch: bool = True,
                  mlock: bool = False, direct_io: bool = True, io_threads: int = 8, prefetch_max_tokens: int = 4,
-                 advise: bool = True):
+                 advise: bool = True, more_stores=()):
         if not store.layers:
             raise ValueError("the model has no routed experts to cache")
         self.store = store
+        # other stores of the same file share the arena (the MTP heads' experts: a draft step must not
+        # fault them in through the page cache); their layer ids must be distinct from the trunk's
+        self.stores = [store, *more_stores]
         f = store.file
         self.layers: dict[int, _Layer] = {}
         sizes = []
-        for il, L in sorted(store.layers.items()):
+        all_layers = [(il, L) for st in self.stores for il, L in st.layers.items()]
+        if len({il for il, _ in all_layers}) != len(all_layers):
+            raise ValueError("expert stores sharing a cache must have distinct layer ids")
+        for il, L in sorted(all_layers, key=lambda t: t[0]):
             parts, mapped = [], []
             for p, t in enumerate((L.gate, L.up, L.down)):
                 info = f.tensor_infos[t.name]
@@ -329,7 +335,7 @@ class ExpertCache:
         self.decay = 0.5 ** (1.0 / half_life)
         self.half_life = half_life
         self.tick = 0
-        self.first_layer = min(self.layers)
+        self.first_layer = min(store.layers)   # the trunk's first MoE layer counts tokens
         self.stats = CacheStats({il: LayerStats() for il in self.layers})
         self.reader = _Reader(f, direct_io)
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-io")
@@ -356,7 +362,7 @@ class ExpertCache:
         """MADV_RANDOM on the expert tensors (no readahead into experts nobody asked for); WILLNEED on
         everything else, the always-active weights, which every token reads."""
         f = self.store.file
-        expert_names = {t.name for L in self.store.layers.values() for t in (L.gate, L.up, L.down)}
+        expert_names = {t.name for st in self.stores for L in st.layers.values() for t in (L.gate, L.up, L.down)}
         for name, info in f.tensor_infos.items():
             start = info.offset - info.offset % PAGE
             length = info.offset + info.nbytes - start
@@ -597,8 +603,9 @@ class ExpertCache:
         self.pool.shutdown(wait=True)
         for s in range(self.n_slots):
             self._evict(s)
-        if self.store.cache is self:
-            self.store.cache = None
+        for st in self.stores:
+            if st.cache is self:
+                st.cache = None
         self.reader.close()
 
 

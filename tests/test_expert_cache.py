@@ -310,3 +310,22 @@ def test_file_truncated_under_the_cache_is_a_clear_error(tiny, tmp_path):
         cache.prepare(il, np.array([[L.n_expert - 1]], dtype=np.int32))
     assert L.slot_of[L.n_expert - 1] == -1   # not left pointing at a half-read slot
     assert L.ptrs[2][L.n_expert - 1] == L.mapped[2][L.n_expert - 1]
+
+
+def test_mtp_heads_share_the_cache(tiny):
+    """The MTP heads' routed experts live in the same arena as the trunk's: drafting reads them through
+    the cache (counted per head layer), and MTP output stays the plain greedy output."""
+    ref = ggufrun.load(tiny, n_ctx=256)
+    want = ref.generate(TEXT, max_tokens=12, temperature=0, mtp=0)
+    n_trunk = len(ref.model.blocks)
+    ref.close()
+    llm = ggufrun.load(tiny, n_ctx=256, expert_cache="2M")
+    cache = llm.expert_cache
+    mtp_layers = sorted(llm.model.mtp_experts.layers)
+    assert mtp_layers and min(mtp_layers) >= n_trunk
+    assert set(mtp_layers) <= set(cache.layers) and llm.model.mtp_experts.cache is cache
+    assert llm.generate(TEXT, max_tokens=12, temperature=0, mtp=3) == want
+    assert sum(cache.stats.layers[il].requests for il in mtp_layers) > 0
+    assert cache.stats.tokens > 0
+    llm.close()
+    assert llm.model.mtp_experts.cache is None
