@@ -539,6 +539,44 @@ def _byte_as_text(b: int) -> str:
     return chr(b) if b < 0x80 else chr(0xDC00 + b)
 
 
+def _merge_pairs(syms: list[str], priority) -> list[str]:
+    """Merge adjacent symbols pair by pair, the pair with the smallest priority(left, right) first and
+    the leftmost on ties, as llama.cpp's BPE (merge rank) and SentencePiece (minus the merged token's
+    score) sessions do; priority None means the pair never merges. Merged-away symbols become ""."""
+    n = len(syms)
+    if n < 2:
+        return syms
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        r = priority(syms[i], syms[i + 1])
+        if r is not None:
+            heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
+    heapq.heapify(heap)
+    while heap:
+        _, left, right, merged = heapq.heappop(heap)
+        if not syms[left] or not syms[right] or syms[left] + syms[right] != merged:
+            continue   # a stale pair: one side has merged since (symbols only grow)
+        syms[left] = merged
+        syms[right] = ""
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        p = prv[left]
+        if p >= 0:
+            r = priority(syms[p], merged)
+            if r is not None:
+                heapq.heappush(heap, (r, p, left, syms[p] + merged))
+        q = nxt[left]
+        if q >= 0:
+            r = priority(merged, syms[q])
+            if r is not None:
+                heapq.heappush(heap, (r, left, q, merged + syms[q]))
+    return syms
+
+
 class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary, identical to llama.cpp's llama_tokenize/detokenize."""
 
@@ -875,38 +913,8 @@ class Tokenizer:
         ids = self._ids
         if self._ignore_merges and word in ids:
             return [ids[word]]
-        syms = list(word)
-        n = len(syms)
-        if n > 1:
-            ranks = self._ranks
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            heap = []
-            for i in range(n - 1):
-                r = ranks.get((syms[i], syms[i + 1]))
-                if r is not None:
-                    heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
-            heapq.heapify(heap)
-            while heap:
-                _, left, right, merged = heapq.heappop(heap)
-                if not syms[left] or not syms[right] or syms[left] + syms[right] != merged:
-                    continue   # a stale pair: one side has merged since
-                syms[left] = merged
-                syms[right] = ""
-                nxt[left] = nxt[right]
-                if nxt[right] >= 0:
-                    prv[nxt[right]] = left
-                p = prv[left]
-                if p >= 0:
-                    r = ranks.get((syms[p], merged))
-                    if r is not None:
-                        heapq.heappush(heap, (r, p, left, syms[p] + merged))
-                q = nxt[left]
-                if q >= 0:
-                    r = ranks.get((merged, syms[q]))
-                    if r is not None:
-                        heapq.heappush(heap, (r, left, q, merged + syms[q]))
+        ranks = self._ranks
+        syms = _merge_pairs(list(word), lambda a, b: ranks.get((a, b)))
         result = []
         for s in syms:
             if not s:
@@ -936,39 +944,12 @@ class Tokenizer:
     def _spm_chunk(self, text: str) -> list[int]:
         """SentencePiece BPE: merge the highest-scoring adjacent pair first (leftmost on ties)."""
         ids, scores = self._ids, self._scores
-        syms = list(text)
-        n = len(syms)
-        if n > 1:
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            heap = []
-            for i in range(n - 1):
-                tid = ids.get(syms[i] + syms[i + 1])
-                if tid is not None:
-                    heap.append((-scores[tid], i, i + 1, 2))
-            heapq.heapify(heap)
-            while heap:
-                _, left, right, size = heapq.heappop(heap)
-                a, b = syms[left], syms[right]
-                if not a or not b or len(a) + len(b) != size:
-                    continue   # a stale pair: one side has merged since
-                merged = a + b
-                syms[left] = merged
-                syms[right] = ""
-                nxt[left] = nxt[right]
-                if nxt[right] >= 0:
-                    prv[nxt[right]] = left
-                p = prv[left]
-                if p >= 0:
-                    tid = ids.get(syms[p] + merged)
-                    if tid is not None:
-                        heapq.heappush(heap, (-scores[tid], p, left, len(syms[p]) + len(merged)))
-                q = nxt[left]
-                if q >= 0:
-                    tid = ids.get(merged + syms[q])
-                    if tid is not None:
-                        heapq.heappush(heap, (-scores[tid], left, q, len(merged) + len(syms[q])))
+
+        def priority(a, b):   # highest score first
+            tid = ids.get(a + b)
+            return None if tid is None else -scores[tid]
+
+        syms = _merge_pairs(list(text), priority)
         result = []
         for s in syms:
             if not s:
