@@ -65,6 +65,7 @@ class Config:
     clamp_exp: tuple[float, ...] = ()   # per trunk layer; () writes no key
     clamp_shexp: tuple[float, ...] = ()
     shared_head: bool = False           # nextn.shared_head_head per MTP block (else the trunk's output)
+    nextn_moe: bool = True              # MTP blocks MoE like the trunk (False: dense, n_ff wide)
     eps: float = 1e-5
     seed: int = 0
 
@@ -76,7 +77,7 @@ class Config:
         return i < self.n_layer and self.swa[i]
 
     def is_moe(self, i: int) -> bool:
-        return i >= self.n_dense
+        return i >= self.n_dense and (self.nextn_moe or i < self.n_layer)
 
     def heads(self, i: int) -> tuple[int, int]:
         return (self.n_head_swa, self.n_head_kv_swa) if self.is_swa(i) else (self.n_head, self.n_head_kv)
@@ -193,7 +194,8 @@ def weights(cfg: Config) -> dict[str, np.ndarray]:
     return w
 
 
-def metadata(cfg: Config, file_type: int) -> dict:
+def metadata(cfg: Config, file_type: int, tokenizer: dict | None = None) -> dict:
+    """`tokenizer`: tokenizer.* keys to write instead of SmolLM2's (a recipe's own vocabulary)."""
     n_all = cfg.block_count
     heads = [cfg.heads(i) for i in range(n_all)]
 
@@ -234,7 +236,7 @@ def metadata(cfg: Config, file_type: int) -> dict:
         md["step35.swiglu_clamp_shexp"] = pad(cfg.clamp_shexp)
     if cfg.n_nextn == 0:
         del md["step35.nextn_predict_layers"]
-    md.update(tokenizer_metadata())
+    md.update(tokenizer_metadata() if tokenizer is None else tokenizer)
     return md
 
 
@@ -265,15 +267,22 @@ def tensor_type(name: str, shape: tuple[int, ...], q: str, n_layer_all: int) -> 
     return "Q4_K"
 
 
-def write(cfg: Config, q: str, path: str | Path) -> Path:
-    w = weights(cfg)
+def write(cfg: Config, q: str, path: str | Path, w: dict[str, np.ndarray] | None = None,
+          tokenizer: dict | None = None) -> Path:
+    """A file of mix `q`: random weights(cfg), or given float32 arrays `w` (names and shapes as weights()
+    makes them, e.g. a trained model's) with their own tokenizer.* keys."""
+    given = w is not None
+    w = w if given else weights(cfg)
     tensors = {}
     for name, arr in w.items():
         t = tensor_type(name, arr.shape, q, cfg.block_count)
         if t != "F32" and arr.shape[-1] % quant.block_size(t):
             t = "Q8_0" if arr.shape[-1] % 32 == 0 else "F16"
         tensors[name] = (arr, t)
-    quant.write_gguf(path, ARCH, metadata(cfg, FILE_TYPES[q]), tensors)
+    md = metadata(cfg, FILE_TYPES[q], tokenizer)
+    if given:
+        md["general.name"] = cfg.name
+    quant.write_gguf(path, ARCH, md, tensors)
     return Path(path)
 
 
