@@ -47,10 +47,22 @@ def install() -> None:
         name = "matmul " + self.name.split(".")[-2] if "." in self.name else "matmul"
         return timed(name, linear_call)(self, x, out)
     ops.Linear.__call__ = linear
-    for mod_name in ("layers", "models.base", "models.llama", "models.gemma3"):
+    group_call = ops.LinearGroup.__call__
+
+    def group(self, *args, **kw):
+        names = "+".join(lin.name.split(".")[-2] for lin in self.linears)
+        return timed("matmul " + names + (" (+norm)" if len(args) > 1 and args[1] is not None else ""),
+                     group_call)(self, *args, **kw)
+    ops.LinearGroup.__call__ = group
+    for mod_name in ("layers", "moe", "models.base", "models.llama", "models.gemma3", "models.step35"):
         mod = sys.modules.get(f"ggufrun.{mod_name}")
         if mod is None:
             continue
+        if hasattr(mod, "ffn"):
+            mod.ffn = timed("ffn gate+up+glu+down (+norm)", ops.ffn)
+        if hasattr(mod, "ExpertStore"):
+            mod.ExpertStore.ffn = (lambda f: lambda self, *a, **k: timed("moe experts", f)(self, *a, **k))(
+                mod.ExpertStore.ffn)
         for fn in ("rms_norm", "rope", "glu", "attention", "embed_rows"):
             if hasattr(mod, fn):
                 setattr(mod, fn, timed(fn, getattr(ops, fn)))

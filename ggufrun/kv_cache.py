@@ -52,12 +52,15 @@ class KVCache:
     def store(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
         """Write the new keys/values of `layer`; return (keys, values, key_positions) to attend over."""
         cap = self.k[layer].shape[0]
+        n = len(positions)
         if self.ring[layer]:
-            if len(positions) > self.max_batch:
-                raise ValueError(f"batch of {len(positions)} exceeds the cache's max_batch {self.max_batch}")
+            if n > self.max_batch:
+                raise ValueError(f"batch of {n} exceeds the cache's max_batch {self.max_batch}")
             slots = positions % cap
         else:
             slots = positions
+        if n == 1 or (np.diff(slots) == 1).all():  # consecutive slots (all but a ring's wrap): a plain copy
+            slots = slice(int(slots[0]), int(slots[0]) + n)
         self.k[layer][slots] = k
         self.v[layer][slots] = v
         self.pos[layer][slots] = positions

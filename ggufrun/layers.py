@@ -11,7 +11,7 @@ import numpy as np
 
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
-from .ops import ACT_GELU, ACT_SILU, Linear, attention, glu, rms_norm, rope
+from .ops import ACT_GELU, ACT_SILU, Linear, LinearGroup, attention, ffn, rms_norm, rope
 
 
 def small(f: GGUFFile, name: str, shape: tuple[int, ...] | None = None, optional: bool = False) -> np.ndarray | None:
@@ -58,36 +58,53 @@ class Attention:
         self.k_norm = small(f, prefix + "attn_k_norm.weight", (cfg.head_dim_k,), optional=True)
         r = cfg.rope
         self.freq_factors = None if r.freq_factors is None else np.array(r.freq_factors, dtype=np.float32)
+        self.set_projections()
 
-    def qkv(self, x: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Projected, normed and rotated queries and keys, and values, shaped per head."""
+    def set_projections(self, extra: tuple[Linear, ...] = ()) -> None:
+        """q, k, v (and `extra` matrices of the same input, e.g. step35's head gate) as one native call."""
+        self.proj = LinearGroup([self.wq, self.wk, self.wv, *extra])
+        self._rows = sum(lin.rows for lin in self.proj.linears)
+
+    def qkv(self, x: np.ndarray, positions: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0):
+        """Projected, normed and rotated queries and keys, and values, shaped per head, then the outputs
+        of the extra projections. `norm`: the block's input RMS norm, folded into the projection call."""
         c, n = self.cfg, x.shape[0]
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        buf = np.empty(n * self._rows, dtype=np.float32)
+        q, k, v, *extra = self.proj(x, norm, eps, out=buf)
         if self.bq is not None:
             q += self.bq
         if self.bk is not None:
             k += self.bk
         if self.bv is not None:
             v += self.bv
-        q = q.reshape(n, c.n_head, c.head_dim_k)
-        k = k.reshape(n, c.n_head_kv, c.head_dim_k)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, c.norm_eps)
-        if self.k_norm is not None:
-            k = rms_norm(k, self.k_norm, c.norm_eps)
         r = c.rope
-        rope(q, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
-        rope(k, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
-        return q, k, v.reshape(n, c.n_head_kv, c.head_dim_v)
+        if n == 1 and self.q_norm is None and self.k_norm is None:
+            # one token: q's heads and k's heads are adjacent in buf, so one rope call turns both
+            qk = buf[:self.wq.rows + self.wk.rows].reshape(1, c.n_head + c.n_head_kv, c.head_dim_k)
+            rope(qk, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
+            q = q.reshape(n, c.n_head, c.head_dim_k)
+            k = k.reshape(n, c.n_head_kv, c.head_dim_k)
+        else:
+            q = q.reshape(n, c.n_head, c.head_dim_k)
+            k = k.reshape(n, c.n_head_kv, c.head_dim_k)
+            if self.q_norm is not None:
+                q = rms_norm(q, self.q_norm, c.norm_eps)
+            if self.k_norm is not None:
+                k = rms_norm(k, self.k_norm, c.norm_eps)
+            rope(q, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
+            rope(k, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
+        return (q, k, v.reshape(n, c.n_head_kv, c.head_dim_v), *extra)
 
-    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
-        q, k, v = self.qkv(x, positions)
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int,
+                 norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        q, k, v = self.qkv(x, positions, norm, eps)
         keys, values, key_pos = cache.store(layer, positions, k, v)
         return self.wo(attention(q, keys, values, positions, key_pos, self.cfg.scale, self.cfg.window))
 
 
 class GatedFFN:
-    """down(act(gate(x)) * up(x)): SwiGLU (llama, step35) or GeGLU (gemma)."""
+    """down(act(gate(x)) * up(x)): SwiGLU (llama, step35) or GeGLU (gemma), optionally clamped (step35),
+    as one native call (gr_ffn) that can fold in the block's RMS norm of x."""
 
     def __init__(self, f: GGUFFile, prefix: str, n_embd: int, n_ff: int, act: str = "silu", clamp: float = 0.0,
                  suffix: str = ""):
@@ -97,5 +114,5 @@ class GatedFFN:
         self.act = {"silu": ACT_SILU, "gelu": ACT_GELU}[act]
         self.clamp = clamp
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.down(glu(self.gate(x), self.up(x), self.act, self.clamp))
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        return ffn(self.gate, self.up, self.down, x, self.act, self.clamp, norm, eps)

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import native
 from .gguf_file import GGUFError, GGUFFile, QTensor
-from .ops import Linear
+from .ops import ACT_SILU, Linear, ffn, rms_norm
 
 _lib = native._load()
 _ffi = native._ffi
@@ -146,24 +146,17 @@ def _ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x, ids, weights, limit) 
 
 class SwiGLU:
     """down(swiglu(gate(x), up(x))) with llama.cpp's optional clamp: the shared expert and dense FFNs of
-    MoE models. A one-expert gr_moe_ffn, so the clamp has one implementation."""
+    MoE models, as one native call (gr_ffn, which clamps as gr_moe_ffn does: limits <= 1e-6 mean none)."""
 
     def __init__(self, f: GGUFFile, prefix: str, suffix: str, n_embd: int, n_ff: int, limit: float = 0.0):
-        self.tensors = (f.tensor(f"{prefix}ffn_gate{suffix}.weight", (n_ff, n_embd)),
-                        f.tensor(f"{prefix}ffn_up{suffix}.weight", (n_ff, n_embd)),
-                        f.tensor(f"{prefix}ffn_down{suffix}.weight", (n_embd, n_ff)))
-        self._keep = tuple(_ffi.from_buffer("uint8_t[]", t.data) for t in self.tensors)
-        self.ptrs = tuple(_ffi.new("void *[]", [b]) for b in self._keep)
+        self.gate = Linear(f.tensor(f"{prefix}ffn_gate{suffix}.weight", (n_ff, n_embd)))
+        self.up = Linear(f.tensor(f"{prefix}ffn_up{suffix}.weight", (n_ff, n_embd)))
+        self.down = Linear(f.tensor(f"{prefix}ffn_down{suffix}.weight", (n_embd, n_ff)))
         self.n_embd, self.n_ff, self.limit = n_embd, n_ff, limit
-        self._ids = np.zeros((0, 1), dtype=np.int32)
+        self._clamp = limit if limit > 1e-6 else 0.0
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        if self._ids.shape[0] < n:
-            self._ids = np.zeros((n, 1), dtype=np.int32)
-        g, u, d = self.tensors
-        return _ffn_call(g.qtype, u.qtype, d.qtype, self.ptrs, 1, self.n_embd, self.n_ff, x, self._ids[:n],
-                         np.ones((n, 1), dtype=np.float32), self.limit)
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        return ffn(self.gate, self.up, self.down, x, ACT_SILU, self._clamp, norm, eps)
 
 
 @dataclass(frozen=True)
@@ -224,7 +217,9 @@ class MoE:
         self.limit = limit_exp
         self.shared = shared
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        if norm is not None:  # the router needs the normed input too, so the norm is its own call here
+            x = rms_norm(x, norm, eps)
         ids, w = self.router(x)
         y = self.store.ffn(self.il, x, ids, w, self.limit)
         if self.shared is not None:

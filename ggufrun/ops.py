@@ -60,6 +60,59 @@ class Linear:
         return out
 
 
+class LinearGroup:
+    """Several Linear sharing one input, as one native call (gr_matmul_multi): for decode the input is
+    quantized once and every row of every matrix is one pass of the thread pool. `norm` folds the
+    RMS norm of the input into the same call. Outputs equal the separate Linear calls bit for bit."""
+
+    __slots__ = ("linears", "cols", "n", "_total", "_qtypes", "_w", "_rows", "_bounds")
+
+    def __init__(self, linears: list[Linear]):
+        if not 1 <= len(linears) <= 8:
+            raise ValueError(f"a LinearGroup takes 1 to 8 matrices, not {len(linears)}")
+        cols = {lin.cols for lin in linears}
+        if len(cols) != 1:
+            raise ValueError(f"matrices {[lin.name for lin in linears]} do not share an input size: {sorted(cols)}")
+        self.linears = list(linears)
+        self.cols = cols.pop()
+        self.n = len(linears)
+        self._qtypes = _ffi.new("int[]", [lin.qtype for lin in linears])
+        self._w = _ffi.new("void *[]", [lin._w for lin in linears])
+        self._rows = _ffi.new("int64_t[]", [lin.rows for lin in linears])
+        self._total = sum(lin.rows for lin in linears)
+        bounds, off = [], 0
+        for lin in linears:
+            bounds.append((off, off + lin.rows, lin.rows))
+            off += lin.rows
+        self._bounds = bounds
+
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0,
+                 x_normed: np.ndarray | None = None, out: np.ndarray | None = None) -> list[np.ndarray]:
+        """[W_i @ rms_norm(x) * norm] (or of x itself without norm), as views of one buffer (`out`, if
+        given: n_tokens * total rows float32), output i's block after output i-1's; x_normed, if given,
+        receives the normed input."""
+        n = x.shape[0]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty(n * self._total, dtype=np.float32) if out is None else out
+        _check(_lib.gr_matmul_multi(self.n, self._qtypes, self._w, self._rows, self.cols, _f32(x), n,
+                                    _ffi.NULL if norm is None else _f32(norm), eps,
+                                    _ffi.NULL if x_normed is None else _f32(x_normed), _f32(y)),
+               f"matmul {', '.join(lin.name for lin in self.linears)}")
+        return [y[a * n:b * n].reshape(n, r) for a, b, r in self._bounds]
+
+
+def ffn(gate: Linear, up: Linear, down: Linear, x: np.ndarray, act: int, clamp: float = 0.0,
+        norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+    """down(act(gate(x')) * up(x')) in one native call (gr_ffn), x' = x or rms_norm(x) * norm; equal bit
+    for bit to the separate calls."""
+    n = x.shape[0]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty((n, down.rows), dtype=np.float32)
+    _check(_lib.gr_ffn(gate.qtype, gate._w, up.qtype, up._w, down.qtype, down._w, down.rows, gate.rows, _f32(x), n,
+                       _ffi.NULL if norm is None else _f32(norm), eps, act, clamp, _f32(y)), f"ffn {down.name}")
+    return y
+
+
 def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of an embedding matrix, dequantized; only those rows' bytes are touched."""
     rb = w.row_bytes

@@ -238,4 +238,11 @@ void gr_q8_1_residual_sums(const void *q1, void *q2, int64_t n);
 void gr_act_panel_scales(int act_type, const uint8_t *act, int64_t act_row_bytes, int64_t k0, int64_t k1,
                          int64_t a0, int64_t a1, float *d, float *s, int64_t ld);
 
+/* gr_moe_ffn's one-token path (dispatch.c): all selected experts batched over one pool pass per weight
+ * kind. gr_moe_decode_ok says whether it applies (one token, decode kernels for all three types). */
+int gr_moe_decode(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
+                  int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,
+                  int64_t n_used, const int32_t *ids, const float *weights, float clamp, float *y);
+int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok);
+
 #endif

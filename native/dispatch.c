@@ -431,15 +431,32 @@ static void run_gemv(void *p, int ith, int nth) {
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
-              const float *x, int64_t n_tok, float *y) {
-    ensure_init();
+static int matmul_check(int qtype, int64_t rows, int64_t cols, int64_t row_stride, int64_t n_tok) {
     if (qtype < 0 || qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].vec_dot[qtype]) return GR_E_QTYPE;
     int bs = gr_block_size(qtype);
     if (rows <= 0 || cols <= 0 || n_tok <= 0 || cols % bs || row_stride < row_bytes(qtype, cols)) return GR_E_SHAPE;
+    return GR_OK;
+}
 
+static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
+                         const float *x, int64_t n_tok, float *y);
+
+int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
+              const float *x, int64_t n_tok, float *y) {
+    ensure_init();
+    int rc = matmul_check(qtype, rows, cols, row_stride, n_tok);
+    if (rc != GR_OK) return rc;
     pthread_mutex_lock(&api_mutex);
+    rc = matmul_locked(qtype, w, rows, cols, row_stride, x, n_tok, y);
+    pthread_mutex_unlock(&api_mutex);
+    return rc;
+}
+
+/* gr_matmul with api_mutex held and arguments checked. */
+static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
+                         const float *x, int64_t n_tok, float *y) {
     const gr_kernels *k = &tables[isa_current];
+    const int bs = gr_block_size(qtype);
     int nth = gr_pool_threads();
     int act_type = gr_act_type(qtype);
     /* Below this much work a wake-up of the pool costs more than it saves. */
@@ -476,7 +493,7 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     }
     size_t sums_bytes = align64(sums_stride * sizeof(float));
     uint8_t *buf = scratch_reserve(64 + act_bytes + 2 * panel_arrays + (size_t)nth * (panel_stride + sums_bytes));
-    if (!buf) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
+    if (!buf) return GR_E_NOMEM;
     float *panel_d = panel_arrays ? (float *)(buf + act_bytes) : NULL;
     float *panel_s = panel_arrays ? (float *)(buf + act_bytes + panel_arrays) : NULL;
     if (act_type == GR_T_F32) {
@@ -520,7 +537,6 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         g.n_units = g.row_units * act_units;
         atomic_init(&g.next_unit, 0);
         gr_pool_run_dynamic(run_gemm, &g, parallel);
-        pthread_mutex_unlock(&api_mutex);
         return GR_OK;
     }
     if (use_gemv) {
@@ -536,7 +552,6 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
         g.chunk_rows = (chunk + 7) & ~(int64_t)7;
         atomic_init(&g.next_chunk, 0);
         gr_pool_run_dynamic(run_gemv, &g, parallel);
-        pthread_mutex_unlock(&api_mutex);
         return GR_OK;
     }
 
@@ -554,6 +569,369 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     m.token_tile = tile < 1 ? 1 : tile;
     atomic_init(&m.next_chunk, 0);
     gr_pool_run_dynamic(run_matmul, &m, parallel);
-    pthread_mutex_unlock(&api_mutex);
     return GR_OK;
+}
+
+/* ---------------------------------------------------------------- batched decode
+ *
+ * A decode step multiplies one token by several matrices that share an input (q/k/v, gate/up, the
+ * selected experts): one gr_matmul each would quantize the same activations again and wake the pool
+ * once per matrix. Here the activations are quantized once per format and every row of every matrix
+ * is one pool of work: threads claim chunks of rows across the matrices. The kernels, the terms and
+ * the per-row summation are gr_matmul's, so each output equals its gr_matmul bit for bit. */
+
+/* One activation set: n_tok rows of cols floats at x, prepared in the format act_type. */
+typedef struct {
+    int act_type, terms;
+    const float *x;
+    int64_t cols;
+    gr_act_panel ap;   /* filled by acts_prepare */
+} act_set;
+
+static int64_t act_panel_ld(int64_t cols) { return (cols / 32 + 8 + 15) & ~(int64_t)15; }
+
+static size_t act_set_bytes(const act_set *a, int64_t n_tok) {
+    if (a->act_type == GR_T_F32) return 0;
+    size_t n = align64((size_t)(row_bytes(a->act_type, a->cols) * n_tok * a->terms));
+    if (a->act_type == GR_T_Q8_0 || a->act_type == GR_T_Q8_1)
+        n += 2 * align64((size_t)(n_tok * a->terms * act_panel_ld(a->cols)) * sizeof(float));
+    return n;
+}
+
+/* Quantize every set into buf (sum of act_set_bytes), filling each set's panel, as gr_matmul does. */
+static void acts_prepare(const gr_kernels *k, act_set *sets, int n_sets, int64_t n_tok, uint8_t *buf, int nth) {
+    for (int i = 0; i < n_sets; i++) {
+        act_set *a = &sets[i];
+        if (a->act_type == GR_T_F32) {
+            a->ap = (gr_act_panel){(const uint8_t *)a->x, a->cols * 4, NULL, NULL, 0};
+            continue;
+        }
+        const int64_t rb = row_bytes(a->act_type, a->cols), n_act = n_tok * a->terms;
+        const size_t act_bytes = align64((size_t)(rb * n_act));
+        float *pd = NULL, *ps = NULL;
+        int64_t ld = 0;
+        if (a->act_type == GR_T_Q8_0 || a->act_type == GR_T_Q8_1) {
+            ld = act_panel_ld(a->cols);
+            pd = (float *)(buf + act_bytes);
+            ps = pd + align64((size_t)(n_act * ld) * sizeof(float)) / sizeof(float);
+        }
+        quantize_task q = {k, a->x, buf, a->cols, n_tok, rb, (a->cols + QUANT_CHUNK - 1) / QUANT_CHUNK, a->act_type,
+                           gr_block_size(a->act_type), gr_type_size(a->act_type), a->terms, pd, ps, ld, 0};
+        atomic_init(&q.next_unit, 0);
+        gr_pool_run_dynamic(run_quantize, &q, n_tok * a->cols * a->terms >= 4 * QUANT_CHUNK ? nth : 1);
+        if (pd)
+            for (int64_t r = 0; r < n_act; r++)
+                for (int64_t b = a->cols / 32; b < ld; b++) pd[r * ld + b] = ps[r * ld + b] = 0.f;
+        a->ap = (gr_act_panel){buf, rb, pd, ps, ld};
+        buf += act_set_bytes(a, n_tok);
+    }
+}
+
+/* One matrix of a batch: rows x cols of qtype at w (packed rows) times activation set ap. */
+typedef struct {
+    const gr_gemm_ops *ops;   /* ops->gemv, or vec_dot/vec_dot2 per row where the type has none */
+    gr_vec_dot_fn dot;
+    gr_vec_dot2_fn dot2;
+    const uint8_t *w;
+    int64_t rows, cols, row_stride;
+    const gr_act_panel *ap;
+    int terms;
+    float *y;                 /* n_tok rows of `rows` floats */
+    int64_t chunk_rows, chunk0, chunk1;  /* its chunks in the batch's numbering: [chunk0, chunk1) */
+} gemv_job;
+
+typedef struct {
+    const gemv_job *jobs;
+    int n_jobs;
+    int64_t n_tok, n_chunks;
+    atomic_llong next_chunk;
+} gemv_batch;
+
+static void run_gemv_batch(void *p, int ith, int nth) {
+    gemv_batch *b = p;
+    (void)ith; (void)nth;
+    float c[16];
+    int j = 0;
+    for (;;) {
+        const int64_t ch = atomic_fetch_add(&b->next_chunk, 1);
+        if (ch >= b->n_chunks) return;
+        while (ch >= b->jobs[j].chunk1) j++;  /* a thread's claims only grow, so j only moves forward */
+        const gemv_job *g = &b->jobs[j];
+        const int64_t r0 = (ch - g->chunk0) * g->chunk_rows;
+        const int64_t r1 = r0 + g->chunk_rows < g->rows ? r0 + g->chunk_rows : g->rows;
+        if (g->ops->gemv) {
+            const int R = g->ops->gemv_rows;
+            for (int64_t r = r0; r < r1; r += R) {
+                int nr = r1 - r < R ? (int)(r1 - r) : R;
+                for (int64_t t = 0; t < b->n_tok; t++) {
+                    g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap, t * g->terms, c);
+                    for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
+                }
+            }
+            continue;
+        }
+        /* as run_matmul's dot_terms */
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *wr = g->w + r * g->row_stride;
+            for (int64_t t = 0; t < b->n_tok; t++) {
+                const uint8_t *a = g->ap->act + t * g->terms * g->ap->act_row_bytes;
+                float v;
+                if (g->terms == 1) v = g->dot(g->cols, wr, a);
+                else if (g->dot2) v = g->dot2(g->cols, wr, a, a + g->ap->act_row_bytes);
+                else v = g->dot(g->cols, wr, a) + g->dot(g->cols, wr, a + g->ap->act_row_bytes);
+                g->y[t * g->rows + r] = v;
+            }
+        }
+    }
+}
+
+/* Fill job j's kernel fields and chunking for a pool of `parallel` threads; returns its chunk count. */
+static int64_t gemv_job_init(const gr_kernels *k, gemv_job *g, int qtype, const void *w, int64_t rows, int64_t cols,
+                             const gr_act_panel *ap, int terms, float *y, int parallel, int64_t chunk0) {
+    g->ops = &k->gemm[qtype];
+    g->dot = k->vec_dot[qtype];
+    g->dot2 = k->vec_dot2[qtype];
+    g->w = w;
+    g->rows = rows; g->cols = cols; g->row_stride = row_bytes(qtype, cols);
+    g->ap = ap; g->terms = terms; g->y = y;
+    int64_t chunk = rows / ((int64_t)parallel * 8);
+    if (g->ops->gemv) { chunk = chunk < 16 ? 16 : chunk; chunk = (chunk + 7) & ~(int64_t)7; }
+    else chunk = chunk < 4 ? 4 : chunk;
+    g->chunk_rows = chunk;
+    g->chunk0 = chunk0;
+    g->chunk1 = chunk0 + (rows + chunk - 1) / chunk;
+    return g->chunk1 - chunk0;
+}
+
+static void gemv_batch_run(const gemv_job *jobs, int n_jobs, int64_t n_tok, int parallel) {
+    gemv_batch b = {jobs, n_jobs, n_tok, jobs[n_jobs - 1].chunk1, 0};
+    atomic_init(&b.next_chunk, 0);
+    gr_pool_run_dynamic(run_gemv_batch, &b, parallel);
+}
+
+/* The batched path is for decode: as many activation rows as gr_matmul would give its gemv kernels. */
+static int is_decode(int qtype, int64_t n_tok) {
+    int terms = gr_act_type(qtype) == GR_T_F32 ? 1 : act_precision;
+    return !(tables[isa_current].gemm[qtype].tile && n_tok * terms >= GEMM_MIN_ACTS);
+}
+
+/* Intermediate floats of the fused calls (normed input, gate/up/down outputs), apart from the
+ * activation scratch so matmul_locked may grow that one while these are live. Guarded by api_mutex. */
+static float *fscratch;
+static size_t fscratch_size;
+
+static float *fscratch_reserve(size_t n_floats) {
+    size_t n = n_floats * sizeof(float);
+    if (n <= fscratch_size) return fscratch;
+    size_t want = (n + 4095) & ~(size_t)4095;
+    float *p = aligned_alloc(64, want);
+    if (!p) return NULL;
+    free(fscratch);
+    fscratch = p;
+    fscratch_size = want;
+    return fscratch;
+}
+
+#define MULTI_MAX 8
+
+/* y_i = W_i x for the decode path: the formats the matrices pair with are quantized once each. */
+static int multi_decode_locked(int n_mat, const int *qtypes, const void *const *w, const int64_t *rows,
+                               int64_t cols, const float *x, int64_t n_tok, float *const *y) {
+    const gr_kernels *k = &tables[isa_current];
+    const int nth = gr_pool_threads();
+    act_set sets[MULTI_MAX];
+    int set_of[MULTI_MAX], n_sets = 0;
+    double work = 0;
+    for (int i = 0; i < n_mat; i++) {
+        int at = gr_act_type(qtypes[i]), s = 0;
+        while (s < n_sets && sets[s].act_type != at) s++;
+        if (s == n_sets) sets[n_sets++] = (act_set){at, at == GR_T_F32 ? 1 : act_precision, x, cols, {0}};
+        set_of[i] = s;
+        work += (double)rows[i] * (double)cols * (double)n_tok;
+    }
+    size_t bytes = 64;
+    for (int s = 0; s < n_sets; s++) bytes += act_set_bytes(&sets[s], n_tok);
+    uint8_t *buf = scratch_reserve(bytes);
+    if (!buf) return GR_E_NOMEM;
+    const int parallel = work >= 65536.0 ? nth : 1;
+    acts_prepare(k, sets, n_sets, n_tok, buf, parallel);
+    gemv_job jobs[MULTI_MAX];
+    int64_t c0 = 0;
+    for (int i = 0; i < n_mat; i++)
+        c0 += gemv_job_init(k, &jobs[i], qtypes[i], w[i], rows[i], cols, &sets[set_of[i]].ap, sets[set_of[i]].terms,
+                            y[i], parallel, c0);
+    gemv_batch_run(jobs, n_mat, n_tok, parallel);
+    return GR_OK;
+}
+
+/* matmul_check for a matrix of packed rows (row stride = the row's bytes). */
+static int packed_check(int qtype, int64_t rows, int64_t cols, int64_t n_tok) {
+    if (qtype < 0 || qtype >= GR_T_SLOTS || !gr_block_size(qtype)) return GR_E_QTYPE;
+    if (cols <= 0) return GR_E_SHAPE;
+    return matmul_check(qtype, rows, cols, row_bytes(qtype, cols), n_tok);
+}
+
+/* x, or rms_norm(x) * norm_w in fscratch[0 .. n_tok * cols) when norm_w is given. */
+static const float *normed_input(const float *x, int64_t n_tok, int64_t cols, const float *norm_w, float eps) {
+    if (!norm_w) return x;
+    float *xn = fscratch_reserve((size_t)(n_tok * cols));
+    if (!xn) return NULL;
+    gr_rms_norm(x, norm_w, xn, n_tok, cols, eps);
+    return xn;
+}
+
+int gr_matmul_multi(int n_mat, const int *qtypes, const void *const *w, const int64_t *rows, int64_t cols,
+                    const float *x, int64_t n_tok, const float *norm_w, float eps, float *x_normed, float *y) {
+    ensure_init();
+    if (n_mat < 1 || n_mat > MULTI_MAX) return GR_E_ARG;
+    for (int i = 0; i < n_mat; i++) {
+        int rc = packed_check(qtypes[i], rows[i], cols, n_tok);
+        if (rc != GR_OK) return rc;
+    }
+    pthread_mutex_lock(&api_mutex);
+    int rc = GR_OK;
+    const float *xin = normed_input(x, n_tok, cols, norm_w, eps);
+    if (!xin) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
+    if (x_normed && norm_w) memcpy(x_normed, xin, sizeof(float) * (size_t)(n_tok * cols));
+    float *ys[MULTI_MAX];
+    int all_decode = 1;
+    int64_t off = 0;
+    for (int i = 0; i < n_mat; i++) {
+        ys[i] = y + off * n_tok;
+        off += rows[i];
+        all_decode &= is_decode(qtypes[i], n_tok);
+    }
+    if (all_decode) rc = multi_decode_locked(n_mat, qtypes, w, rows, cols, xin, n_tok, ys);
+    else
+        for (int i = 0; i < n_mat && rc == GR_OK; i++)
+            rc = matmul_locked(qtypes[i], w[i], rows[i], cols, row_bytes(qtypes[i], cols), xin, n_tok, ys[i]);
+    pthread_mutex_unlock(&api_mutex);
+    return rc;
+}
+
+int gr_ffn(int gate_qtype, const void *gate_w, int up_qtype, const void *up_w, int down_qtype, const void *down_w,
+           int64_t n_embd, int64_t n_ff, const float *x, int64_t n_tok, const float *norm_w, float eps,
+           int act, float clamp, float *y) {
+    ensure_init();
+    int rc;
+    if ((rc = packed_check(gate_qtype, n_ff, n_embd, n_tok)) != GR_OK) return rc;
+    if ((rc = packed_check(up_qtype, n_ff, n_embd, n_tok)) != GR_OK) return rc;
+    if ((rc = packed_check(down_qtype, n_embd, n_ff, n_tok)) != GR_OK) return rc;
+    if (act != GR_ACT_SILU && act != GR_ACT_GELU) return GR_E_ARG;
+    pthread_mutex_lock(&api_mutex);
+    const size_t nx = norm_w ? (size_t)(n_tok * n_embd) : 0, nf = (size_t)(n_tok * n_ff);
+    float *f = fscratch_reserve(nx + 2 * nf);
+    if (!f) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
+    const float *xin = x;
+    if (norm_w) { gr_rms_norm(x, norm_w, f, n_tok, n_embd, eps); xin = f; }
+    float *g = f + nx, *u = g + nf;
+    if (is_decode(gate_qtype, n_tok) && is_decode(up_qtype, n_tok)) {
+        const int qt[2] = {gate_qtype, up_qtype};
+        const void *ws[2] = {gate_w, up_w};
+        const int64_t rs[2] = {n_ff, n_ff};
+        float *ys[2] = {g, u};
+        rc = multi_decode_locked(2, qt, ws, rs, n_embd, xin, n_tok, ys);
+    } else {
+        rc = matmul_locked(gate_qtype, gate_w, n_ff, n_embd, row_bytes(gate_qtype, n_embd), xin, n_tok, g);
+        if (rc == GR_OK) rc = matmul_locked(up_qtype, up_w, n_ff, n_embd, row_bytes(up_qtype, n_embd), xin, n_tok, u);
+    }
+    if (rc == GR_OK) {
+        gr_glu(g, u, g, (int64_t)nf, act, clamp);
+        rc = matmul_locked(down_qtype, down_w, n_embd, n_ff, row_bytes(down_qtype, n_ff), g, n_tok, y);
+    }
+    pthread_mutex_unlock(&api_mutex);
+    return rc;
+}
+
+/* gr_moe_ffn for one token (moe.c checked the arguments): every distinct selected expert's gate and
+ * up rows in one pool pass over one quantization of x, the clamped SwiGLU, then every expert's down
+ * rows in a second pass; the weighted sum in expert-id order, as the grouped path adds it, so the
+ * result is the same bits. GR_ACT_SILU only, as gr_moe_ffn. */
+int gr_moe_decode(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
+                  int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,
+                  int64_t n_used, const int32_t *ids, const float *weights, float clamp, float *y) {
+    ensure_init();
+    int32_t *sel = malloc(sizeof(int32_t) * (size_t)n_used);
+    act_set *sets = malloc(sizeof(act_set) * (size_t)(n_used + 2));
+    gemv_job *jobs = malloc(sizeof(gemv_job) * (size_t)(2 * n_used));
+    if (!sel || !sets || !jobs) { free(sel); free(sets); free(jobs); return GR_E_NOMEM; }
+    int n_sel = 0;  /* distinct ids, ascending (insertion sort: n_used is a handful) */
+    for (int64_t i = 0; i < n_used; i++) {
+        int32_t e = ids[i];
+        int j = 0;
+        while (j < n_sel && sel[j] < e) j++;
+        if (j < n_sel && sel[j] == e) continue;
+        memmove(sel + j + 1, sel + j, sizeof(int32_t) * (size_t)(n_sel - j));
+        sel[j] = e;
+        n_sel++;
+    }
+    pthread_mutex_lock(&api_mutex);
+    const gr_kernels *k = &tables[isa_current];
+    const int nth = gr_pool_threads();
+    int rc = GR_OK;
+    float *f = fscratch_reserve((size_t)n_sel * (size_t)(2 * n_ff + n_embd));
+    if (!f) { rc = GR_E_NOMEM; goto done; }
+    float *g = f, *u = g + n_sel * n_ff, *d = u + n_sel * n_ff;
+    const int parallel = (double)n_sel * (double)n_ff * (double)n_embd >= 65536.0 ? nth : 1;
+
+    /* gate and up of every selected expert, from x quantized once per activation format */
+    const int at_g = gr_act_type(gate_qtype), at_u = gr_act_type(up_qtype), at_d = gr_act_type(down_qtype);
+    int n_sets = 0;
+    sets[n_sets++] = (act_set){at_g, at_g == GR_T_F32 ? 1 : act_precision, x, n_embd, {0}};
+    if (at_u != at_g) sets[n_sets++] = (act_set){at_u, at_u == GR_T_F32 ? 1 : act_precision, x, n_embd, {0}};
+    size_t bytes = 0, bytes_down;
+    for (int s = 0; s < n_sets; s++) bytes += act_set_bytes(&sets[s], 1);
+    {   /* the down inputs reuse the same scratch afterwards: room for the larger of the two phases */
+        act_set a = {at_d, at_d == GR_T_F32 ? 1 : act_precision, NULL, n_ff, {0}};
+        bytes_down = act_set_bytes(&a, 1) * (size_t)n_sel;
+    }
+    bytes = (bytes > bytes_down ? bytes : bytes_down) + 64;
+    uint8_t *buf = scratch_reserve(bytes);
+    if (!buf) { rc = GR_E_NOMEM; goto done; }
+    acts_prepare(k, sets, n_sets, 1, buf, parallel);
+    int64_t c0 = 0;
+    for (int e = 0; e < n_sel; e++) {
+        c0 += gemv_job_init(k, &jobs[2 * e], gate_qtype, gate_w[sel[e]], n_ff, n_embd, &sets[0].ap, sets[0].terms,
+                            g + e * n_ff, parallel, c0);
+        const act_set *su = &sets[n_sets - 1];
+        c0 += gemv_job_init(k, &jobs[2 * e + 1], up_qtype, up_w[sel[e]], n_ff, n_embd, &su->ap, su->terms,
+                            u + e * n_ff, parallel, c0);
+    }
+    gemv_batch_run(jobs, 2 * n_sel, 1, parallel);
+    gr_glu(g, u, g, n_sel * n_ff, GR_ACT_SILU, clamp);
+
+    /* down of every selected expert, each from its own activations */
+    for (int e = 0; e < n_sel; e++)
+        sets[e] = (act_set){at_d, at_d == GR_T_F32 ? 1 : act_precision, g + e * n_ff, n_ff, {0}};
+    acts_prepare(k, sets, n_sel, 1, buf, parallel);
+    c0 = 0;
+    for (int e = 0; e < n_sel; e++)
+        c0 += gemv_job_init(k, &jobs[e], down_qtype, down_w[sel[e]], n_embd, n_ff, &sets[e].ap, sets[e].terms,
+                            d + e * n_embd, parallel, c0);
+    gemv_batch_run(jobs, n_sel, 1, parallel);
+
+    memset(y, 0, sizeof(float) * (size_t)n_embd);
+    for (int e = 0; e < n_sel; e++)
+        for (int64_t i = 0; i < n_used; i++) {
+            if (ids[i] != sel[e]) continue;
+            const float wt = weights[i];
+            const float *dr = d + e * n_embd;
+            for (int64_t c = 0; c < n_embd; c++) y[c] += wt * dr[c];
+        }
+done:
+    pthread_mutex_unlock(&api_mutex);
+    free(sel); free(sets); free(jobs);
+    return rc;
+}
+
+/* Whether gr_moe_ffn may take gr_moe_decode for this many tokens. */
+int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok) {
+    ensure_init();
+    pthread_mutex_lock(&api_mutex);
+    const int q[3] = {gate_qtype, up_qtype, down_qtype};
+    int ok = n_tok == 1;
+    for (int i = 0; i < 3 && ok; i++)
+        ok = q[i] >= 0 && q[i] < GR_T_SLOTS && tables[GR_ISA_SCALAR].vec_dot[q[i]] && is_decode(q[i], 1);
+    pthread_mutex_unlock(&api_mutex);
+    return ok;
 }

@@ -75,6 +75,23 @@ int  gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n
  * exact sum of both terms' values. */
 int  gr_quantize_activation_terms(int act_qtype, const float *x, void *dst, int64_t n);
 
+/* Several matrices applied to the same input: y_i = W_i x for i < n_mat (1..8), W_i rows[i] packed rows of
+ * cols elements of qtypes[i] at w[i]. With norm_w not NULL, x is first replaced by rms_norm(x) * norm_w
+ * (gr_rms_norm's arithmetic, eps), which is also copied to x_normed when that is not NULL. y holds the
+ * outputs one after another: output i is n_tok rows of rows[i] floats at y + n_tok * (rows[0] + ... +
+ * rows[i-1]). Each output is bit for bit what gr_matmul gives; for decode (as few tokens as gr_matmul's
+ * gemv kernels take) the input is quantized once per activation format and all rows of all matrices are
+ * one pass of the thread pool. */
+int  gr_matmul_multi(int n_mat, const int *qtypes, const void *const *w, const int64_t *rows, int64_t cols,
+                     const float *x, int64_t n_tok, const float *norm_w, float eps, float *x_normed, float *y);
+
+/* Dense gated feed-forward network in one call: y = down(act(gate(x')) * up(x')), act and clamp as
+ * gr_glu, x' = x or (norm_w not NULL) rms_norm(x) * norm_w. gate/up: n_ff packed rows of n_embd
+ * elements, down: n_embd rows of n_ff. x, y: (n_tok, n_embd) float32. Gate and up share one
+ * quantization of x' and one pool pass for decode; results equal the separate calls bit for bit. */
+int  gr_ffn(int gate_qtype, const void *gate_w, int up_qtype, const void *up_w, int down_qtype, const void *down_w,
+            int64_t n_embd, int64_t n_ff, const float *x, int64_t n_tok, const float *norm_w, float eps,
+            int act, float clamp, float *y);
 
 /* ---- ops ---- (native/ops.c: the element-wise and attention math around the matmuls) */
 #define GR_ROPE_NORM 0   /* rotate adjacent pairs (llama-family GGUFs) */

@@ -5,6 +5,9 @@
  * matrix-matrix product per weight (gate, up, down) over all the tokens that chose it, applies the
  * (optionally clamped) SwiGLU, and accumulates the weighted outputs. Products go through gr_matmul, so
  * the quant types, activation precision and threading are exactly those of every other matmul.
+ * One token (decode) takes gr_moe_decode instead (dispatch.c): x quantized once, every selected expert's
+ * gate and up rows in one pass of the pool, then every down in a second: two pool wake-ups instead of
+ * three per expert, the same kernels and summation order, so the same bits.
  *
  * Experts are addressed by pointer, one per expert per weight: the caller decides where an expert's
  * bytes live (a slice of the mapped 3-D tensor today, a resident copy for hot experts later). Only
@@ -13,7 +16,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include "ggufrun.h"
+#include "blocks.h"
 
 int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
                int down_qtype, const void *const *down_w, int64_t n_expert, int64_t n_embd, int64_t n_ff,
@@ -26,6 +29,9 @@ int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
     const int64_t n_pairs = n_tok * n_used;
     for (int64_t i = 0; i < n_pairs; i++)
         if (ids[i] < 0 || ids[i] >= n_expert) return GR_E_ARG;
+    if (gr_moe_decode_ok(gate_qtype, up_qtype, down_qtype, n_tok))
+        return gr_moe_decode(gate_qtype, gate_w, up_qtype, up_w, down_qtype, down_w, n_embd, n_ff, x, n_used, ids,
+                             weights, limit > 1e-6f ? limit : 0.0f, y);
     const int64_t gate_rb = n_embd / bs_g * gr_type_size(gate_qtype);
     const int64_t up_rb = n_embd / bs_u * gr_type_size(up_qtype);
     const int64_t down_rb = n_ff / bs_d * gr_type_size(down_qtype);

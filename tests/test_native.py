@@ -840,3 +840,120 @@ def test_neon_matches_scalar_under_qemu():
     build = subprocess.run(["make", "-s", "-C", str(NATIVE_DIR), "neon-check"], capture_output=True, text=True)
     assert build.returncode == 0, build.stdout + build.stderr
     assert "neon selftest: ok" in build.stdout, build.stdout + build.stderr
+
+
+# ------------------------------------------------------------------------------------------ fused decode calls
+
+def _qtensor(qtype, rows, cols, rng, name="w"):
+    from ggufrun.gguf_file import QTensor
+    return QTensor(name, qtype, (rows, cols), sane_blocks(qtype, rows * cols, rng))
+
+
+MULTI_SETS = [  # shared activation formats, mixed formats, and types decoded with and without gemv kernels
+    [T.Q4_1, T.Q4_1, T.Q4_1], [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_K], [T.Q8_0, T.Q4_1, T.F16, T.Q5_1],
+    [T.Q2_K, T.IQ4_NL, T.F32, T.BF16, T.Q4_0], [T.Q5_K]]
+
+
+@pytest.mark.parametrize("qtypes", MULTI_SETS, ids=lambda ts: "+".join(t.name for t in ts))
+@pytest.mark.parametrize("precision", [1, 2])
+def test_matmul_multi_equals_separate_matmuls(qtypes, precision):
+    """gr_matmul_multi (one quantization per format, one pool pass for decode) gives each matrix's
+    gr_matmul result bit for bit, with and without the folded RMS norm, on 1 and 2 threads."""
+    from ggufrun import ops
+    native.set_act_precision(precision)
+    rng = np.random.default_rng(len(qtypes) * 7 + precision)
+    cols = 512
+    lins = [ops.Linear(_qtensor(t, rows, cols, rng, f"m{i}")) for i, (t, rows) in
+            enumerate(zip(qtypes, (96, 40, 72, 24, 8)))]
+    group = ops.LinearGroup(lins)
+    norm = rng.standard_normal(cols).astype(np.float32)
+    for threads in (1, 2):
+        native.set_threads(threads)
+        for n_tok in (1, 2, 3, 6):  # decode (gemv) and prefill (tiled) sizes at both precisions
+            x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
+            for w in (None, norm):
+                xin = x if w is None else ops.rms_norm(x, w, 1e-5)
+                got_normed = np.full_like(x, np.nan)
+                got = group(x, w, 1e-5, got_normed)
+                for lin, g in zip(lins, got):
+                    assert_same_floats(g, lin(xin))
+                if w is not None:
+                    assert_same_floats(got_normed, xin)
+
+
+@pytest.mark.parametrize("types", [(T.Q4_1, T.Q4_1, T.Q4_1), (T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_1, T.F16)],
+                         ids=lambda ts: "+".join(t.name for t in ts))
+@pytest.mark.parametrize("precision", [1, 2])
+def test_ffn_equals_its_steps(types, precision):
+    """gr_ffn = down(glu(gate(x'), up(x'))) with x' = rms_norm(x) * w, bit for bit, GELU/SiLU and clamp."""
+    from ggufrun import ops
+    native.set_act_precision(precision)
+    rng = np.random.default_rng(int(types[0]) + precision)
+    n_embd, n_ff = 256, 512
+    gate, up = (ops.Linear(_qtensor(types[i], n_ff, n_embd, rng)) for i in (0, 1))
+    down = ops.Linear(_qtensor(types[2], n_embd, n_ff, rng))
+    norm = rng.standard_normal(n_embd).astype(np.float32)
+    for n_tok in (1, 2, 9):
+        x = (rng.standard_normal((n_tok, n_embd)) * 2).astype(np.float32)
+        for act, clamp in ((ops.ACT_SILU, 0.0), (ops.ACT_GELU, 0.0), (ops.ACT_SILU, 0.05)):
+            for w in (None, norm):
+                xin = x if w is None else ops.rms_norm(x, w, 1e-6)
+                want = down(ops.glu(gate(xin), up(xin), act, clamp))
+                assert_same_floats(ops.ffn(gate, up, down, x, act, clamp, w, 1e-6), want)
+
+
+@pytest.mark.parametrize("precision", [1, 2])
+def test_moe_one_token_path_equals_grouped_sum(precision):
+    """gr_moe_ffn on one token (all experts batched) = the per-expert products summed in expert-id
+    order, bit for bit, repeated ids included."""
+    from ggufrun import moe, ops
+    native.set_act_precision(precision)
+    rng = np.random.default_rng(11 + precision)
+    n_expert, n_embd, n_ff = 6, 256, 256
+    experts = [(_qtensor(T.Q4_K, n_ff, n_embd, rng), _qtensor(T.Q4_K, n_ff, n_embd, rng),
+                _qtensor(T.Q6_K, n_embd, n_ff, rng)) for _ in range(n_expert)]
+    bufs = [[_ffi_buf(t[k]) for t in experts] for k in range(3)]
+    ptrs = [native._ffi.new("void *[]", b) for b in bufs]
+    for ids, limit in (([4, 1, 3], 0.0), ([2, 5, 2, 0], 0.02)):
+        x = rng.standard_normal((1, n_embd)).astype(np.float32)
+        wts = rng.uniform(0.1, 1.0, (1, len(ids))).astype(np.float32)
+        got = moe._ffn_call(T.Q4_K, T.Q4_K, T.Q6_K, ptrs, n_expert, n_embd, n_ff, x,
+                            np.array([ids], dtype=np.int32), wts, limit)
+        want = np.zeros(n_embd, dtype=np.float32)
+        for e in sorted(set(ids)):
+            g, u, d = (ops.Linear(t) for t in experts[e])
+            h = d(ops.glu(g(x), u(x), ops.ACT_SILU, limit))[0]
+            for k, e2 in enumerate(ids):
+                if e2 == e:
+                    want += wts[0, k] * h
+        assert_same_floats(got[0], want)
+
+
+def _ffi_buf(t):
+    b = native._ffi.from_buffer("uint8_t[]", t.data)
+    _ffi_buf.keep.append(b)
+    return b
+
+
+_ffi_buf.keep = []
+
+
+def test_fused_calls_reject_bad_arguments():
+    from ggufrun import ops
+    rng = np.random.default_rng(3)
+    a, b = ops.Linear(_qtensor(T.Q4_0, 32, 64, rng)), ops.Linear(_qtensor(T.Q4_0, 32, 96, rng))
+    with pytest.raises(ValueError, match="share an input size"):
+        ops.LinearGroup([a, b])
+    with pytest.raises(ValueError, match="1 to 8"):
+        ops.LinearGroup([a] * 9)
+    lib = native._load()
+    x = np.zeros(64, dtype=np.float32)
+    y = np.zeros(64, dtype=np.float32)
+    f = native._ffi
+    qt, w, rows = f.new("int[]", [99]), f.new("void *[]", [a._w]), f.new("int64_t[]", [32])
+    assert lib.gr_matmul_multi(1, qt, w, rows, 64, f.from_buffer("float[]", x), 1, f.NULL, 0.0, f.NULL,
+                               f.from_buffer("float[]", y)) == lib.GR_E_QTYPE
+    assert lib.gr_matmul_multi(0, qt, w, rows, 64, f.from_buffer("float[]", x), 1, f.NULL, 0.0, f.NULL,
+                               f.from_buffer("float[]", y)) == lib.GR_E_ARG
+    with pytest.raises(ValueError, match="ffn"):  # act 7 is no activation
+        ops.ffn(a, a, ops.Linear(_qtensor(T.Q4_0, 64, 32, rng)), x.reshape(1, 64), 7)

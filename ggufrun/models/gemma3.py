@@ -71,9 +71,10 @@ class Block:
         self.ffn_post_norm = small(f, pre + "post_ffw_norm.weight", (p.n_embd,))
 
     def __call__(self, x, positions, cache, i):
-        a = self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
+        # the pre-norms are folded into the projection calls (bit for bit the separate rms_norm)
+        a = self.attn(x, positions, cache, i, self.attn_norm, self.eps)
         h = x + rms_norm(a, self.attn_post_norm, self.eps)
-        m = self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+        m = self.ffn(h, self.ffn_norm, self.eps)
         return h + rms_norm(m, self.ffn_post_norm, self.eps)
 
 

@@ -10,7 +10,7 @@ from ..gguf_file import GGUFFile
 from ..kv_cache import LayerCacheSpec
 from ..layers import Attention, AttentionConfig, GatedFFN, RopeConfig, small
 from ..moe import GATING_SOFTMAX, ExpertStore, MoE, RouterConfig
-from ..ops import ROPE_NORM, rms_norm
+from ..ops import ROPE_NORM
 from .base import TransformerLM, hparam
 
 
@@ -66,8 +66,12 @@ class Block:
             self.ffn = GatedFFN(f, pre, p.n_embd, p.n_ff, "silu")
 
     def __call__(self, x, positions, cache, i):
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
-        return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+        # the norms are folded into the projection calls (bit for bit the separate rms_norm)
+        h = self.attn(x, positions, cache, i, self.attn_norm, self.eps)
+        h += x
+        y = self.ffn(h, self.ffn_norm, self.eps)
+        y += h
+        return y
 
 
 class Model(TransformerLM):

@@ -116,15 +116,17 @@ class GatedAttention(Attention):
         super().__init__(f, prefix, n_embd, cfg)
         g = f.maybe_tensor(prefix + "attn_gate.weight", (cfg.n_head, n_embd))
         self.gate = None if g is None else Linear(g)
+        if self.gate is not None:  # the gate reads the attention's input: one call with q, k, v
+            self.set_projections((self.gate,))
 
-    def __call__(self, x, positions, cache, layer):
+    def __call__(self, x, positions, cache, layer, norm=None, eps=0.0):
         c = self.cfg
-        q, k, v = self.qkv(x, positions)
+        q, k, v, *gate = self.qkv(x, positions, norm, eps)
         keys, values, key_pos = cache.store(layer, positions, k, v)
         a = attention(q, keys, values, positions, key_pos, c.scale, c.window)
-        if self.gate is not None:
+        if gate:
             n = x.shape[0]
-            a = (a.reshape(n, c.n_head, c.head_dim_v) * sigmoid(self.gate(x))[:, :, None]).reshape(n, -1)
+            a = (a.reshape(n, c.n_head, c.head_dim_v) * sigmoid(gate[0])[:, :, None]).reshape(n, -1)
         return self.wo(a)
 
 
@@ -148,8 +150,12 @@ class Block:
             self.ffn = SwiGLU(f, pre, "", p.n_embd, p.n_ff[i], p.clamp_shexp[i])
 
     def __call__(self, x, positions, cache, i):
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, i)
-        return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+        # the norms are folded into the projection calls (bit for bit the separate rms_norm)
+        h = self.attn(x, positions, cache, i, self.attn_norm, self.eps)
+        h += x
+        y = self.ffn(h, self.ffn_norm, self.eps)
+        y += h
+        return y
 
 
 class NextN:
