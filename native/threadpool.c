@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -32,7 +33,36 @@
 #define cpu_relax() ((void)0)
 #endif
 
-#define SPIN_ITERATIONS 20000  /* roughly 0.1-1 ms depending on the pause latency */
+/* How long a waiting thread spins before it sleeps. Between the native calls of one decode step there
+ * are only microseconds of Python (tens with the fused calls), so a worker that spins that long is there
+ * for the next call; past it, the process is between steps or idle and a spinning worker only takes a
+ * core from whoever else needs it (another process, or a llama.cpp in this one). The caller never waits
+ * for a sleeping worker (dynamic tasks), so a late wake-up costs one call's parallelism, not latency.
+ * Measured by the clock, not pause counts: a pause is ~10 ns on some cores and ~140 ns on others.
+ * GGUFRUN_SPIN_US overrides the default (0: sleep at once). */
+#define SPIN_US_DEFAULT 100
+#define SPIN_CHECK_EVERY 64    /* pauses between clock reads (a read costs 20-110 ns) */
+static int64_t spin_ns = -1;   /* set once by pool_set_locked */
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Spin until cond(arg) is false or the spin budget is spent; returns whether it still holds. */
+static int spin_while(int (*cond)(const void *), const void *arg) {
+    if (!cond(arg)) return 0;
+    if (spin_ns <= 0) return 1;
+    const int64_t end = now_ns() + spin_ns;
+    for (;;) {
+        for (int i = 0; i < SPIN_CHECK_EVERY; i++) {
+            if (!cond(arg)) return 0;
+            cpu_relax();
+        }
+        if (now_ns() >= end) return cond(arg);
+    }
+}
 
 static pthread_mutex_t run_mutex = PTHREAD_MUTEX_INITIALIZER;  /* one run (or resize) at a time */
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -57,13 +87,15 @@ static void signal_done(void) {
 
 typedef struct { int index; unsigned start_generation; } worker_arg;
 
+static int generation_is(const void *seen) { return atomic_load(&generation) == *(const unsigned *)seen; }
+static int positive(const void *counter) { return atomic_load((atomic_int *)counter) > 0; }
+
 static void *worker_main(void *p) {
     worker_arg arg = *(worker_arg *)p;
     free(p);
     unsigned seen = arg.start_generation;
     for (;;) {
-        for (int spin = 0; spin < SPIN_ITERATIONS && atomic_load(&generation) == seen; spin++) cpu_relax();
-        if (atomic_load(&generation) == seen) {
+        if (spin_while(generation_is, &seen)) {
             pthread_mutex_lock(&pool_mutex);
             while (atomic_load(&generation) == seen) pthread_cond_wait(&work_cv, &pool_mutex);
             pthread_mutex_unlock(&pool_mutex);
@@ -161,6 +193,11 @@ int gr_physical_cores(void) {
 
 static int pool_set_locked(int n) {
     pthread_once(&atfork_once, register_atfork);
+    if (spin_ns < 0) {
+        const char *e = getenv("GGUFRUN_SPIN_US");
+        long us = e && *e ? strtol(e, NULL, 10) : SPIN_US_DEFAULT;
+        spin_ns = us < 0 ? 0 : (int64_t)us * 1000;
+    }
     if (n <= 0) n = gr_physical_cores();
     if (n > 256) n = 256;
     if (n == n_threads) return n_threads;
@@ -184,8 +221,7 @@ int gr_pool_threads(void) {
 }
 
 static void wait_for_zero(atomic_int *counter) {
-    for (int spin = 0; spin < SPIN_ITERATIONS && atomic_load(counter) > 0; spin++) cpu_relax();
-    if (atomic_load(counter) > 0) {
+    if (spin_while(positive, counter)) {
         pthread_mutex_lock(&pool_mutex);
         while (atomic_load(counter) > 0) pthread_cond_wait(&done_cv, &pool_mutex);
         pthread_mutex_unlock(&pool_mutex);
