@@ -233,11 +233,17 @@ class MTPDrafter:
         toks = [id_last]
         drafts, qs = [], []
         for i in range(k):
-            self.catch_up(i, tokens, P)
             c = self.caches[i]
             if c.n_past > P:
                 c.truncate(P)
-            hs = self.heads[i].hidden(np.array(toks), np.stack(chain_h), np.arange(P, P + i + 1, dtype=np.int32), c)
+            # committed rows the head has not seen yet (the drafts accepted last step) ride in the same
+            # call as the draft rows: one block evaluation per head per step, not two. Rows are
+            # independent but for causal attention, so this equals catching up first.
+            s = max(c.n_past, P - (self.max_batch - (i + 1)))
+            self.catch_up(i, tokens, s)
+            rows_t = np.concatenate([np.asarray(tokens[s:P], dtype=np.int64), np.array(toks, dtype=np.int64)])
+            rows_h = np.concatenate([self._h_prev(s, P), np.stack(chain_h)]) if s < P else np.stack(chain_h)
+            hs = self.heads[i].hidden(rows_t, rows_h, np.arange(s, P + i + 1, dtype=np.int32), c)
             tok, q = pick(self.heads[i].logits(hs[-1:])[0])
             drafts.append(tok)
             qs.append(q)
