@@ -65,6 +65,7 @@ class LLM:
     expert_cache: object = None       # expert_cache.ExpertCache when loaded with a budget
     placement: object = None          # expert_cache.Plan it was sized by
     loaded_expert_stats: dict | None = None  # layer -> (counts, tokens) from --expert-stats-file
+    mmproj: object = None             # vision.Encoder when loaded with an mmproj (images in prompts)
 
     def save_expert_stats(self, path: str | os.PathLike) -> None:
         """Save routed-expert use (what was loaded plus this session's) for a warm start next time."""
@@ -83,6 +84,8 @@ class LLM:
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx, self.n_batch)
         self._drafter: MTPDrafter | None = None
+        self._image_rows: dict[int, np.ndarray] = {}   # placeholder id (< 0) -> embedding row
+        self._image_embd: dict[int, object] = {}       # image key -> ImageEmbeddings (a few, LRU)
 
     @property
     def mtp_heads(self) -> int:
@@ -104,6 +107,30 @@ class LLM:
     # -- text <-> ids -----------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def tokenize_with_images(self, text: str, images: Sequence = (), add_special: bool = True,
+                             parse_special: bool = True) -> list[int]:
+        """Token ids of a prompt with images (paths, bytes, PIL images or RGB arrays), one per
+        vision.MARKER in the text (none: the images go first). Image positions hold placeholder ids
+        below zero, keyed by the image's pixels; generate() and logits_with_images() take such ids.
+        Each image is encoded once and kept for later prompts (a chat resends its history)."""
+        from .vision import load_image
+        from .vision.prompt import build, image_key
+        if images and self.mmproj is None:
+            raise ValueError("images need a vision projector: load with mmproj=PATH (--mmproj)")
+        pairs = []
+        for i, src in enumerate(images):
+            what = None if isinstance(src, (str, os.PathLike)) else f"image {i + 1}"
+            pixels = load_image(src, what)
+            key = image_key(pixels)
+            emb = self._image_embd.pop(key, None) or self.mmproj.encode_image(pixels)
+            self._image_embd[key] = emb                        # most recent last
+            while len(self._image_embd) > 8:
+                self._image_embd.pop(next(iter(self._image_embd)))
+            pairs.append((pixels, emb))
+        p = build(self.tokenizer, text, pairs, add_special=add_special, parse_special=parse_special)
+        self._image_rows.update(p.rows)
+        return p.ids
 
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special=skip_special)
@@ -136,11 +163,28 @@ class LLM:
         for start in range(0, len(ids), self.n_batch):
             chunk = list(ids[start:start + self.n_batch])
             try:
-                out.append(self.model.forward(np.array(chunk), self.cache, all_logits=all_logits))
+                if min(chunk) < 0:   # image rows: the whole batch as embeddings, text and image together
+                    out.append(self.model.forward_embd(self._embed_mixed(chunk), self.cache, all_logits=all_logits))
+                else:
+                    out.append(self.model.forward(np.array(chunk), self.cache, all_logits=all_logits))
             finally:
                 # a forward interrupted midway leaves n_past where it was: keep `tokens` in step
                 self.tokens = self.tokens[:self.cache.n_past] + chunk[:max(0, self.cache.n_past - len(self.tokens))]
         return np.concatenate(out) if all_logits else out[-1]
+
+    def _embed_mixed(self, chunk: list[int]) -> np.ndarray:
+        """Input embeddings of a batch holding image placeholder ids (< 0) among token ids."""
+        ids = np.array(chunk, dtype=np.int64)
+        img = ids < 0
+        x = np.empty((len(ids), self.model.n_embd), dtype=np.float32)
+        if (~img).any():
+            x[~img] = self.model.embed(ids[~img])
+        try:
+            x[img] = np.stack([self._image_rows[int(t)] for t in ids[img]])
+        except KeyError as e:
+            raise ValueError(f"image placeholder id {e.args[0]} has no embedding: build prompts with images"
+                             f" through tokenize_with_images()") from None
+        return x
 
     def _eval_hidden(self, ids: Sequence[int]) -> np.ndarray:
         """_eval for MTP: also records the trunk's hidden state of every position for the heads."""
@@ -178,6 +222,10 @@ class LLM:
             return self._eval_hidden(ids[common:]), common
         return self._eval(ids[common:]), common
 
+    def logits_with_images(self, text: str, images: Sequence, add_special: bool = True) -> np.ndarray:
+        """logits() of a prompt with images (see tokenize_with_images): (n_positions, n_vocab)."""
+        return self.logits(self.tokenize_with_images(text, images, add_special=add_special))
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of `ids` as a fresh sequence: float32 (len(ids), n_vocab)."""
         ids = list(ids)
@@ -191,15 +239,23 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, *, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-                 stop: Sequence[str] = (), stream: bool = False, add_special: bool = True, mtp: int | None = None):
+                 stop: Sequence[str] = (), stream: bool = False, add_special: bool = True, mtp: int | None = None,
+                 images: Sequence = ()):
         """Complete `prompt` (text or token ids). Returns the text, or with stream=True an iterator of
         text pieces as they are decoded. `mtp`: at most this many tokens drafted per step by the file's
         MTP heads (None: the LLM's default, every head; 0: off); output is unchanged by it (greedy: token
-        for token; sampling: in distribution)."""
+        for token; sampling: in distribution). `images`: paths, bytes, PIL images or RGB arrays, one per
+        vision.MARKER in a text prompt (or all in front); needs an mmproj."""
         cfg = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=seed)
-        ids = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
+        if images:
+            if not isinstance(prompt, str):
+                raise ValueError("images go with a text prompt (token-id prompts from tokenize_with_images"
+                                 " already hold them)")
+            ids = self.tokenize_with_images(prompt, images, add_special=add_special)
+        else:
+            ids = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
         it = self.stream_tokens(ids, max_tokens, Sampler(cfg), stop=stop, mtp=mtp)
         return it if stream else "".join(it)
 
@@ -210,10 +266,13 @@ class LLM:
         if not ids:
             raise ValueError("generation needs a non-empty prompt")
         k_max = self._mtp_k(mtp)
+        if k_max and min(ids) < 0:
+            k_max = 0   # the MTP heads embed the token at each position; image rows have none
         if k_max:
             stats.mtp = MTPStats(k_max)
         for t in ids[-sampler.cfg.repeat_last_n:] if sampler.cfg.repeat_last_n > 0 else ids:
-            sampler.history.append(t)
+            if t >= 0:   # image rows are not tokens the penalties could apply to
+                sampler.history.append(t)
         t0 = time.perf_counter()
         logits, reused = self._prefill(ids, mtp=bool(k_max))
         stats.cached_tokens = reused
@@ -354,13 +413,14 @@ class LLM:
 def load(path: str | os.PathLike | None = None, n_threads: int | None = None, n_ctx: int = DEFAULT_N_CTX,
          n_batch: int = DEFAULT_N_BATCH, *, expert_cache: int | str | None = None, mem_budget: int | str | None = None,
          expert_stats_file: str | os.PathLike | None = None, prefetch: bool = True, mlock: bool = False,
-         direct_io: bool = True) -> LLM:
+         direct_io: bool = True, mmproj: str | os.PathLike | None = None) -> LLM:
     """Open a model (path, registry name or URL; None: the default model) for inference.
 
     Expert placement (MoE models): `expert_cache` (bytes or a size such as "600M") keeps that many bytes
     of hot routed experts resident and reads the rest on demand; `mem_budget` derives the cache from a
     total (always-active weights, KV cache and a runtime reserve first). `expert_stats_file`, if it
     exists, seeds the cache (the most used experts are read at load); save with save_expert_stats.
+    `mmproj`: a vision projector GGUF (step3vl) whose embeddings feed this model: images in prompts.
     """
     resolved = str(resolve(path))
     native.set_threads(n_threads or 0)
@@ -368,6 +428,13 @@ def load(path: str | os.PathLike | None = None, n_threads: int | None = None, n_
     model = models.build(f)
     tok = Tokenizer.from_metadata(f.metadata)
     llm = LLM(path=resolved, file=f, model=model, tokenizer=tok, n_ctx=n_ctx, n_batch=n_batch)
+    if mmproj is not None:
+        from .gguf_file import GGUFError
+        from .vision import load_mmproj
+        llm.mmproj = load_mmproj(os.fspath(mmproj))
+        if llm.mmproj.params.n_embd_out != model.n_embd:
+            raise GGUFError(f"{mmproj}: the projector outputs {llm.mmproj.params.n_embd_out}-wide embeddings but"
+                            f" {resolved} has n_embd {model.n_embd}: not this model's mmproj")
     experts = getattr(model, "experts", None)
     if expert_stats_file is not None and os.path.exists(expert_stats_file) and experts is not None and experts.layers:
         from .expert_cache import load_stats

@@ -99,22 +99,39 @@ class Mtmd:
         """The embeddings of each encoder entry of one image, in prompt order."""
         return [c.embd for c in self.chunks(M.mtmd_default_marker().decode(), [img]) if c.kind == CHUNK_IMAGE]
 
-    def last_logits(self, prompt: str, images: list[np.ndarray], add_special: bool = True) -> tuple[np.ndarray, int]:
-        """Evaluate the whole prompt (text and images) with mtmd_helper_eval_chunks in a fresh context;
-        returns the last position's logits and the number of positions."""
+    def logits_after(self, prompt: str, images: list[np.ndarray], continuation: list[int] = (),
+                     add_special: bool = True) -> tuple[np.ndarray, int]:
+        """Evaluate the prompt (text and images) with mtmd_helper_eval_chunks in a fresh context, then
+        `continuation` tokens in one batch; returns the logits of the prompt's last position and of every
+        continuation position (1 + len(continuation), n_vocab), and the prompt's position count."""
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         lctx = llama_cpp.llama_init_from_model(self.model, cparams)
         chunks = self._tokenize(prompt, images, add_special)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         try:
             new_n_past = llama_cpp.llama_pos(0)
             rc = M.mtmd_helper_eval_chunks(self.ctx, lctx, chunks, 0, 0, self.n_batch, True, ctypes.byref(new_n_past))
             if rc != 0:
                 raise RuntimeError(f"mtmd_helper_eval_chunks failed ({rc})")
-            n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-            lp = llama_cpp.llama_get_logits_ith(lctx, -1)
-            return np.ctypeslib.as_array(lp, shape=(n_vocab,)).copy(), int(new_n_past.value)
+            n_past = int(new_n_past.value)
+            rows = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(n_vocab,)).copy()]
+            if continuation:
+                n = len(continuation)
+                batch = llama_cpp.llama_batch_init(n, 0, 1)
+                try:
+                    for i, t in enumerate(continuation):
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, n_past + i, 1
+                        batch.seq_id[i][0], batch.logits[i] = 0, True
+                    batch.n_tokens = n
+                    if llama_cpp.llama_decode(lctx, batch) != 0:
+                        raise RuntimeError("llama_decode of the continuation failed")
+                    for i in range(n):
+                        rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, i), shape=(n_vocab,)).copy())
+                finally:
+                    llama_cpp.llama_batch_free(batch)
+            return np.stack(rows), n_past
         finally:
             M.mtmd_input_chunks_free(chunks)
             llama_cpp.llama_free(lctx)

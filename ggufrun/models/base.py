@@ -92,3 +92,15 @@ class TransformerLM:
         h = self.hidden(self.embed(tokens), positions, cache)
         cache.n_past += n
         return self.logits(h if all_logits else h[-1:])
+
+    def forward_embd(self, x: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """forward() from input embeddings (n, n_embd) instead of token ids: prompts with image rows,
+        which enter the trunk exactly where token embeddings would."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_embd or len(x) == 0:
+            raise ValueError(f"forward_embd() needs (n >= 1, {self.n_embd}) embeddings, got {x.shape}")
+        cache.check_room(len(x))
+        positions = np.arange(cache.n_past, cache.n_past + len(x), dtype=np.int32)
+        h = self.hidden(x, positions, cache)
+        cache.n_past += len(x)
+        return self.logits(h if all_logits else h[-1:])
