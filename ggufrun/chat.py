@@ -27,6 +27,7 @@ HELP = """commands:
   /save FILE         save the conversation as JSON
   /load FILE         load a conversation saved with /save
   /stats             model, memory and speed of the last reply
+  /image PATH        attach an image to your next message (needs --mmproj)
   /quit              leave (Ctrl-D too)
 multi-line input: end a line with \\ or wrap the text in lines of \"\"\"; Ctrl-C stops a reply."""
 
@@ -47,6 +48,8 @@ class ChatSession:
         self.out = out or sys.stdout
         self.load_seconds = 0.0
         self.expert_stats_file = None  # written at exit (warm start for the next session)
+        self.pending_images: list[str] = []      # /image paths for the next user message
+        self._pixels: dict[str, object] = {}     # path -> decoded RGB array
 
     @classmethod
     def from_args(cls, a) -> "ChatSession":
@@ -56,7 +59,8 @@ class ChatSession:
         print("loading model ...", file=sys.stderr, flush=True)
         from .cli import check_sizes, placement_kwargs, print_plan
         check_sizes(a)
-        llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, **placement_kwargs(a))
+        llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, mmproj=getattr(a, "mmproj", None),
+                       **placement_kwargs(a))
         print_plan(llm)
         s = cls(llm, system=a.system, max_tokens=a.n_predict, **sampling_kwargs(a))
         if getattr(a, "mtp", None) is not None:
@@ -74,7 +78,11 @@ class ChatSession:
         """The templated conversation; drops the oldest turns while it does not fit."""
         while True:
             text = self.llm.apply_chat_template(self._conversation(), add_generation_prompt=True)
-            ids = self.llm.tokenize(text, add_special=False)
+            images = [self._image(p) for m in self.messages for p in m.get("images", ())]
+            if images:   # each message's images sit at the markers in its content, in order
+                ids = self.llm.tokenize_with_images(text, images, add_special=False)
+            else:
+                ids = self.llm.tokenize(text, add_special=False)
             room = self.llm.n_ctx - min(self.max_tokens, self.llm.n_ctx // 4)
             if len(ids) <= room or len(self.messages) <= 1:
                 if len(ids) > self.llm.n_ctx - 1:
@@ -85,13 +93,25 @@ class ChatSession:
             self.messages = self.messages[2:]
             self.say(f"[context full: dropped the oldest {len(dropped)} messages]\n")
 
+    def _image(self, path: str):
+        if path not in self._pixels:
+            from .vision import load_image
+            self._pixels[path] = load_image(path)
+        return self._pixels[path]
+
     def reply(self, user_text: str) -> str:
-        self.messages.append({"role": "user", "content": user_text})
+        msg = {"role": "user", "content": user_text}
+        if self.pending_images:
+            from .vision.prompt import MARKER
+            msg = {"role": "user", "content": MARKER * len(self.pending_images) + user_text,
+                   "images": list(self.pending_images)}
+        self.messages.append(msg)
         try:
             ids = self._prompt_ids()
         except ValueError:
             self.messages.pop()
             raise
+        self.pending_images = []
         params = dict(self.sampling)
         pieces: list[str] = []
         interrupted = False
@@ -124,6 +144,7 @@ class ChatSession:
             self.say(HELP + "\n")
         elif cmd == "/reset":
             self.messages = []
+            self.pending_images = []
             self.llm.reset()
             self.say("[conversation reset]\n")
         elif cmd == "/system":
@@ -144,9 +165,26 @@ class ChatSession:
             self._load(arg)
         elif cmd == "/stats":
             self.say(self.stats_text() + "\n")
+        elif cmd == "/image":
+            self._attach(arg)
         else:
             self.say(f"unknown command {cmd}; /help lists them\n")
         return True
+
+    def _attach(self, path: str) -> None:
+        from .vision import ImageError
+        if not path:
+            self.say("usage: /image PATH\n")
+        elif self.llm.mmproj is None:
+            self.say("error: images need a vision projector: start the chat with --mmproj MMPROJ\n")
+        else:
+            try:
+                img = self._image(path)
+            except ImageError as e:
+                self.say(f"error: {e}\n")
+                return
+            self.pending_images.append(path)
+            self.say(f"[image {path}: {img.shape[1]}x{img.shape[0]}; goes with your next message]\n")
 
     def _set(self, arg: str) -> None:
         key, eq, value = arg.partition("=")

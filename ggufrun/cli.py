@@ -68,6 +68,15 @@ def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
                         " measured acceptance and step cost")
 
 
+def _add_vision_args(p: argparse.ArgumentParser, images: bool) -> None:
+    g = p.add_argument_group("images (vision models)")
+    g.add_argument("--mmproj", metavar="MMPROJ", help="the model's vision projector GGUF (step3vl)")
+    if images:
+        g.add_argument("--image", metavar="PATH", action="append", default=[],
+                       help="an image (PNG, JPEG, WebP, ...) for the prompt; repeat for several. Each takes the"
+                            " place of a <__media__> marker in the prompt, or goes before the text")
+
+
 def sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 repeat_penalty=a.repeat_penalty, presence_penalty=a.presence_penalty,
@@ -115,15 +124,24 @@ def cmd_pull(a) -> int:
 
 def cmd_run(a) -> int:
     from . import api
+    from .vision import load_image
+    from .vision.prompt import MARKER
     check_sizes(a)
-    llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, **placement_kwargs(a))
+    if a.image and not a.mmproj:
+        raise ValueError("--image needs --mmproj MMPROJ (the model's vision projector)")
+    images = [load_image(p) for p in a.image]   # a bad image fails before the model loads
+    llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, mmproj=a.mmproj, **placement_kwargs(a))
     print_plan(llm)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     add_special = True
     if a.chat:
-        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+        content = prompt if MARKER in prompt or not images else MARKER * len(images) + prompt
+        prompt = llm.apply_chat_template([{"role": "user", "content": content}])
         add_special = False  # the template already placed BOS where the model wants it
-    ids = llm.tokenize(prompt, add_special=add_special)
+    if images:
+        ids = llm.tokenize_with_images(prompt, images, add_special=add_special)
+    else:
+        ids = llm.tokenize(prompt, add_special=add_special)
     if not a.chat:
         sys.stdout.write(prompt)
     for piece in llm.generate(ids, max_tokens=a.n_predict, stream=True, mtp=a.mtp, **sampling_kwargs(a)):
@@ -191,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " expert cache, its hit rate, bytes read per token and prefetch accuracy to stderr"
                         " (to save the counts for a warm start use --expert-stats-file FILE)")
     _add_placement_args(p)
+    _add_vision_args(p, images=True)
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_run)
 
@@ -208,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     _add_mtp_arg(p)
     _add_placement_args(p)
+    _add_vision_args(p, images=False)
     _add_sampling_args(p, temp=0.8)
     p.set_defaults(fn=cmd_chat)
     return ap

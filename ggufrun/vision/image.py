@@ -70,8 +70,11 @@ def load_image(src, what: str | None = None, max_pixels: int = MAX_PIXELS) -> np
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{name}: cannot be decoded as an image (PNG, JPEG, WebP, ...): {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: cannot be decoded as an image (not a PNG, JPEG, WebP or other format"
+                         f" Pillow reads)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refused: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:   # truncated or corrupt data
         raise ImageError(f"{name}: cannot be decoded: {e}") from None
 
