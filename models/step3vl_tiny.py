@@ -13,10 +13,11 @@ model's n_embd. Only the widths and the layer count are small; patch size 14 and
 
 The text model is step35_tiny's "gqa" configuration with the Step3 image tokens (<im_start>, <im_end>,
 <patch_start>, <patch_end>, <patch_newline>, <im_patch>) appended to SmolLM2's vocabulary as control
-tokens: llama.cpp's mtmd looks them up by text and would emit invalid ids without them.
+tokens: llama.cpp's mtmd looks them up by text and would emit invalid ids without them; it also
+carries SmolLM2's chat template, so the chat REPL runs on it.
 
-`write_probe` writes a diagnostic mmproj whose encoder is the identity on pixels (patch 2, no ViT
-layers, 0/1 downsampler kernels that stack each 2x2 neighbourhood into channels, identity projector):
+`write_probe` writes a diagnostic mmproj whose encoder is the identity on pixels (patch 2, one ViT
+layer with zero layer scales, 0/1 downsampler kernels that stack each 2x2 neighbourhood into channels, identity projector):
 llama.cpp's embeddings of an image through it are exactly its preprocessed pixel tensor, which is how
 the tests compare our preprocessing with llama.cpp's, value for value.
 """
@@ -69,6 +70,9 @@ def text_weights_and_metadata(q: str) -> tuple[dict, dict]:
                                          (rng.standard_normal((n_new, E)) * (4.0 / math.sqrt(E))).astype(np.float32)])
     md = s35.metadata(TEXT, s35.FILE_TYPES[q])
     md["general.name"] = "step35-tiny-vl"
+    # a chat template, so `ggufrun chat` runs on the file: SmolLM2's (its vocabulary's own ChatML)
+    with s35.GGUFFile(s35.SMOLLM2) as f:
+        md["tokenizer.chat_template"] = f.metadata["tokenizer.chat_template"]
     md["tokenizer.ggml.tokens"] = list(md["tokenizer.ggml.tokens"]) + list(IMAGE_TOKENS)
     types, vt = md["tokenizer.ggml.token_type"]
     md["tokenizer.ggml.token_type"] = (list(types) + [TOKEN_TYPE_CONTROL] * n_new, vt)
@@ -157,17 +161,26 @@ def write_mmproj(c: VisionConfig, q: str, path: str | Path) -> Path:
 
 
 PROBE_PATCH = 2
+PROBE_FF = 4
 
 
 def probe_weights(c: VisionConfig) -> dict[str, np.ndarray]:
-    """Identity encoder: patch embedding copies the 3x2x2 patch into 12 channels; each downsampler's
+    """Identity encoder: a ViT layer that adds nothing, patch embedding copies the 3x2x2 patch into 12 channels; each downsampler's
     output channel t*C + i is input channel i at kernel tap (1 + t // 2, 1 + t % 2), i.e. the 2x2
-    neighbourhood (2y + dy, 2x + dx) stacked; the projector is the identity on the 192 channels."""
+    neighbourhood (2y + dy, 2x + dx) stacked; the projector is the identity on the 192 channels (zero beyond)."""
     P = PROBE_PATCH
     C0 = 3 * P * P
     w = {"v.patch_embd.weight": np.eye(C0, dtype=np.float32).reshape(C0, 3, P, P)}
     n_side = c.image_size // P
     w["v.position_embd.weight"] = np.zeros((n_side * n_side, C0), dtype=np.float32)
+    # one ViT layer whose layer scales are 0: x + 0 * attn + 0 * mlp is x exactly (with no layer at all
+    # llama.cpp's graph drops the rotary inputs and the encode aborts)
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    w.update({"v.blk.0.ln1.weight": np.ones(C0, np.float32), "v.blk.0.ln1.bias": z(C0),
+              "v.blk.0.attn_qkv.weight": z(3 * C0, C0), "v.blk.0.attn_out.weight": z(C0, C0),
+              "v.blk.0.ls1.weight": z(C0), "v.blk.0.ln2.weight": np.ones(C0, np.float32), "v.blk.0.ln2.bias": z(C0),
+              "v.blk.0.ffn_up.weight": z(PROBE_FF, C0), "v.blk.0.ffn_down.weight": z(C0, PROBE_FF),
+              "v.blk.0.ls2.weight": z(C0)})
     cin = C0
     for k in range(2):
         k_w = np.zeros((4 * cin, cin, 3, 3), dtype=np.float32)
@@ -175,7 +188,8 @@ def probe_weights(c: VisionConfig) -> dict[str, np.ndarray]:
             k_w[t * cin + np.arange(cin), np.arange(cin), 1 + t // 2, 1 + t % 2] = 1.0
         w[f"mm.{k}.weight"] = k_w
         cin *= 4
-    w["mm.model.fc.weight"] = np.eye(cin, dtype=np.float32)
+    # identity into the first 192 of the text model's n_embd outputs (mtmd requires the widths to match)
+    w["mm.model.fc.weight"] = np.eye(c.n_embd_text, cin, dtype=np.float32)
     return w
 
 
@@ -183,14 +197,15 @@ def probe_pixels(embd: np.ndarray, ny: int, nx: int, patch: int = PROBE_PATCH) -
     """Undo probe_weights: (tokens, 192) embeddings of an image of ny x nx pixels -> its (3, ny, nx)
     pixel tensor."""
     ty, tx = ny // (4 * patch), nx // (4 * patch)
-    v = embd.reshape(ty, tx, 2, 2, 2, 2, 3, patch, patch)      # ty tx dy2 dx2 dy1 dx1 c ky kx
+    v = embd[:, :3 * patch * patch * 16].reshape(ty, tx, 2, 2, 2, 2, 3, patch, patch)      # ty tx dy2 dx2 dy1 dx1 c ky kx
     return v.transpose(6, 0, 2, 4, 7, 1, 3, 5, 8).reshape(3, ny, nx)
 
 
 def write_probe(c: VisionConfig, path: str | Path) -> Path:
-    pc = replace(c, name="probe", patch=PROBE_PATCH, n_embd_text=3 * PROBE_PATCH ** 2 * 16)
+    assert c.n_embd_text >= 3 * PROBE_PATCH ** 2 * 16
+    pc = replace(c, name="probe", patch=PROBE_PATCH)
     tensors = {n: (a, "F32") for n, a in probe_weights(pc).items()}
-    md = mmproj_metadata(pc, 0, 3 * PROBE_PATCH ** 2, 4, 1, 0)
+    md = mmproj_metadata(pc, 0, 3 * PROBE_PATCH ** 2, PROBE_FF, 1, 1)
     quant.write_gguf(path, "clip", md, tensors)
     return Path(path)
 

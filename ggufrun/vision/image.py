@@ -73,8 +73,8 @@ def load_image(src, what: str | None = None, max_pixels: int = MAX_PIXELS) -> np
     except UnidentifiedImageError:
         raise ImageError(f"{name}: cannot be decoded as an image (not a PNG, JPEG, WebP or other format"
                          f" Pillow reads)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refused: {e}") from None
+    except Image.DecompressionBombError as e:   # Pillow's own check, in Image.open, fires first
+        raise ImageError(f"{name}: more than the limit of {max_pixels / 1e6:.0f} megapixels ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:   # truncated or corrupt data
         raise ImageError(f"{name}: cannot be decoded: {e}") from None
 

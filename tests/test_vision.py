@@ -1,0 +1,298 @@
+"""Vision (step3vl mmproj) at llama.cpp parity, on small random-weight files of the real structure.
+
+Files come from models/step3vl_tiny.py (once per module). llama.cpp's mtmd (tests/mtmd_oracle.py) is
+given the same decoded RGB pixels as ggufrun, and the tests hold:
+  - the prompt layout (text tokens, image start/end/row tokens, image token counts) equals mtmd's;
+  - the preprocessed pixel tensors equal llama.cpp's, value for value, for odd sizes and aspect ratios,
+    upscaled and downscaled crops (through the identity "probe" mmproj; llama.cpp's patch convolution
+    rounds pixels to float16, so both sides are compared after that rounding);
+  - image embeddings of the F32 mmproj: cosine >= 0.9999 per row, relative error <= 1e-3 (measured
+    ~1e-4); F16 mmproj: relative error <= 2e-3 (measured ~5e-4);
+  - the text model's logits at the image's last position and the text after it: median KL <= 1e-4,
+    top-1 agreement >= 98% (the step35 parity bounds for float files);
+  - prefix reuse never crosses images, batching does not change the result, bad images are named.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+PIL = pytest.importorskip("PIL")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ggufrun  # noqa: E402
+import step3vl_tiny  # noqa: E402
+from ggufrun import cli  # noqa: E402
+from ggufrun.gguf_file import GGUFError  # noqa: E402
+from ggufrun.vision import ImageError, load_image  # noqa: E402
+from ggufrun.vision.prompt import MARKER  # noqa: E402
+from ggufrun.vision.step3vl import Encoder  # noqa: E402
+from mtmd_oracle import CHUNK_IMAGE, CHUNK_TEXT, Mtmd  # noqa: E402
+
+
+def picture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth structure plus noise: bilinear resampling and rounding both matter."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (np.sin(xx / 7.0) + np.cos(yy / 5.0)) * 60 + 128
+    img = np.stack([base + rng.integers(-40, 40, (h, w)), 255 - base, base / 2 + rng.integers(0, 90, (h, w))], -1)
+    return np.ascontiguousarray(img.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return step3vl_tiny.write_all(tmp_path_factory.mktemp("step3vl"), quants=("F32", "F16"))
+
+
+@pytest.fixture(scope="module")
+def oracle(files):
+    o = Mtmd(files["text"], files["mmproj-F32"], n_threads=1)
+    yield o
+    o.close()
+
+
+@pytest.fixture(scope="module")
+def llm(files):
+    return ggufrun.load(str(files["text"]), n_ctx=2048, mmproj=files["mmproj-F32"])
+
+
+def flat_layout(chunks) -> list[int]:
+    out = []
+    for c in chunks:
+        out += c.tokens if c.kind == CHUNK_TEXT else [-1] * c.n_tokens
+    return out
+
+
+# (height, width): overview only, an odd thin one, one upscaled crop, a 3x2 grid with row breaks, a
+# 7x1 strip of narrow windows, a tall picture, one past the 3024-pixel cap (17 crops)
+LAYOUT_SIZES = [(112, 112), (37, 53), (20, 100), (90, 150), (700, 1300), (150, 1000), (1100, 530), (3100, 200)]
+
+
+@pytest.mark.parametrize("hw", LAYOUT_SIZES, ids=[f"{w}x{h}" for h, w in LAYOUT_SIZES])
+def test_prompt_layout_matches_mtmd(llm, oracle, hw):
+    img = picture(*hw)
+    prompt = f"Look at {MARKER} and say"
+    theirs = flat_layout(oracle.chunks(prompt, [img], encode=False, add_special=True))
+    pp = llm.mmproj.preprocess(img)
+    n_img = sum(llm.mmproj.n_tokens(*e.shape[1:]) for e in pp.entries)
+    assert n_img == theirs.count(-1)
+    ids = llm.tokenize_with_images(prompt, [img])
+    assert [t if t >= 0 else -1 for t in ids] == theirs
+
+
+# pixel parity through the probe: each 504-pixel crop costs llama.cpp ~20 s (252 x 252 patches of 2)
+PIXEL_SIZES = [(37, 53), (20, 100), (112, 112), (90, 150), (590, 530)]
+
+
+def test_preprocessing_matches_llama_cpp_pixels(files):
+    o = Mtmd(files["text"], files["probe"], n_threads=2, flash_attn=1)   # flash: no 63504^2 score matrix
+    enc = Encoder(files["mmproj-F32"])
+    try:
+        for hw in PIXEL_SIZES:
+            img = picture(*hw, seed=hw[0])
+            ref = o.image_embeddings(img)
+            ours = enc.preprocess(img).entries
+            assert len(ref) == len(ours), hw
+            for r, e in zip(ref, ours):
+                px = step3vl_tiny.probe_pixels(r, e.shape[1], e.shape[2])
+                np.testing.assert_array_equal(px, e.astype(np.float16).astype(np.float32), err_msg=str(hw))
+    finally:
+        o.close()
+
+
+def embedding_errors(ref: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    cos = (ref * ours).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1)
+    return float(cos.min()), float(np.linalg.norm(ref - ours) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("quant,rel_max", [("F32", 1e-3), ("F16", 2e-3)])
+def test_image_embeddings_match_mtmd(files, quant, rel_max):
+    o = Mtmd(files["text"], files[f"mmproj-{quant}"], n_threads=1)
+    enc = Encoder(files[f"mmproj-{quant}"])
+    try:
+        for hw in [(200, 300), (112, 112), (61, 47)]:
+            img = picture(*hw, seed=7)
+            ref = o.image_embeddings(img)
+            e = enc.encode_image(img)
+            ours = e.crops + [e.overview]
+            assert [len(r) for r in ref] == [len(x) for x in ours]
+            for r, x in zip(ref, ours):
+                cos, rel = embedding_errors(r, x)
+                print(f"{quant} {hw}: {r.shape} min cos {cos:.7f} rel {rel:.2e}")
+                assert cos >= 0.9999 and rel <= rel_max, (hw, cos, rel)
+    finally:
+        o.close()
+
+
+def kl_top1(ref: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    def ls(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = ls(ref), ls(ours)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return float(np.median(kl)), float(np.mean(ref.argmax(-1) == ours.argmax(-1)))
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_logits_after_images_match_llama_cpp(llm, oracle, n_images):
+    imgs = [picture(200, 300, seed=1), picture(64, 128, seed=2)][:n_images]
+    prompt = "Describe " + " then ".join([MARKER] * n_images) + ". What is in it? The answer is"
+    cont = llm.tokenize(" a cat sitting on a red mat near the window, looking out at the rain.", add_special=False)
+    ref, n_past = oracle.logits_after(prompt, imgs, cont)
+    ids = llm.tokenize_with_images(prompt, imgs)
+    assert len(ids) == n_past
+    ours = llm.logits(ids + cont)[len(ids) - 1:]
+    med, top1 = kl_top1(ref, ours)
+    print(f"{n_images} image(s), {len(ids)} positions: median KL {med:.2e}, top-1 {top1:.3f}")
+    assert med <= 1e-4 and top1 >= 0.98
+
+
+def test_batch_size_does_not_change_image_prompts(files, llm):
+    img = picture(90, 150, seed=3)
+    prompt = f"Tell me about {MARKER} please"
+    ids = llm.tokenize_with_images(prompt, [img])
+    full = llm.logits(ids)
+    small = ggufrun.load(str(files["text"]), n_ctx=2048, n_batch=37, mmproj=files["mmproj-F32"])
+    ids_small = small.tokenize_with_images(prompt, [img])
+    assert ids_small == ids
+    np.testing.assert_allclose(small.logits(ids_small), full, rtol=0, atol=2e-3)
+
+
+def test_prefix_reuse_stops_at_a_different_image(llm):
+    a, b = picture(64, 128, seed=4), picture(64, 128, seed=5)
+    prompt = f"Question about {MARKER}: what colour?"
+    llm.reset()
+    llm.generate(prompt, images=[a], max_tokens=1, temperature=0)
+    n_prefix = llm.tokenize(prompt.split(MARKER)[0], add_special=True)
+    llm.generate(prompt, images=[b], max_tokens=1, temperature=0)
+    s = llm.last_stats
+    # everything up to <im_start> (or <patch_start>) is shared; no row of image a is reused for b
+    assert len(n_prefix) <= s.cached_tokens <= len(n_prefix) + 1
+    reused_b = llm.logits(llm.tokenize_with_images(prompt, [b]))[-1]
+    llm.reset()
+    fresh = llm.generate(prompt, images=[b], max_tokens=3, temperature=0)
+    llm.generate(prompt, images=[a], max_tokens=1, temperature=0)
+    again = llm.generate(prompt, images=[b], max_tokens=3, temperature=0)
+    assert again == fresh
+    np.testing.assert_allclose(llm.logits(llm.tokenize_with_images(prompt, [b]))[-1], reused_b, atol=1e-4)
+    # the same image again: its rows are reused
+    llm.generate(prompt, images=[b], max_tokens=1, temperature=0)
+    assert llm.last_stats.cached_tokens >= len(llm.tokenize_with_images(prompt, [b])) - 2
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height (no pixel data): decoding it would be the harm."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_bad_images_are_named(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"this is not an image" * 10)
+    huge = tmp_path / "huge.png"            # over our limit (50 MP), under Pillow's bomb check (89 MP)
+    huge.write_bytes(_png_header_only(8000, 8000))
+    bomb = tmp_path / "bomb.png"            # over Pillow's: refused in Image.open
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    for path, words in [(empty, "empty (0 bytes)"), (junk, "cannot be decoded"), (huge, "8000x8000 is 64 megapixels"),
+                        (bomb, "megapixels"),
+                        (tmp_path / "missing.png", "no such file"), (tmp_path, "directory")]:
+        with pytest.raises(ImageError) as e:
+            load_image(path)
+        assert str(path) in str(e.value) and words in str(e.value), str(e.value)
+    with pytest.raises(ImageError, match="empty"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+    # formats: PNG, JPEG, WebP, alpha and greyscale decode to RGB
+    from PIL import Image
+    img = picture(30, 40)
+    for ext, mode in [("png", "RGBA"), ("jpg", "RGB"), ("webp", "RGB"), ("png", "L")]:
+        p = tmp_path / f"ok-{mode}.{ext}"
+        Image.fromarray(img).convert(mode).save(p)
+        out = load_image(p)
+        assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(load_image(tmp_path / "ok-RGBA.png"), img)
+
+
+def test_mmproj_checks(files, tmp_path):
+    with pytest.raises(GGUFError, match="general.architecture is 'step35'"):
+        Encoder(files["text"])
+    with pytest.raises(ValueError, match="need a vision projector"):
+        ggufrun.load(str(files["text"]), n_ctx=256).tokenize_with_images(MARKER, [picture(20, 20)])
+    # a text model without the Step3 image tokens: named
+    from ggufrun.vision.prompt import build
+    from ggufrun.tokenizer import Tokenizer
+    from ggufrun.gguf_file import GGUFFile
+    import step35_tiny
+    with GGUFFile(step35_tiny.SMOLLM2) as f:
+        tok = Tokenizer.from_metadata(f.metadata)
+    enc = Encoder(files["mmproj-F32"])
+    img = picture(20, 20)
+    with pytest.raises(ValueError, match="no '<im_start>' token"):
+        build(tok, MARKER, [(img, enc.encode_image(img))])
+    with pytest.raises(ValueError, match="2 image markers"):
+        build(tok, MARKER * 2, [(img, enc.encode_image(img))])
+
+
+def test_cli_run_with_images(files, tmp_path, capsys):
+    from PIL import Image
+    a, b = tmp_path / "a.png", tmp_path / "b.webp"
+    Image.fromarray(picture(200, 300)).save(a)
+    Image.fromarray(picture(64, 128)).save(b)
+    base = ["run", "-m", str(files["text"]), "-n", "4", "--temp", "0", "-v"]
+    assert cli.main(base + ["--mmproj", str(files["mmproj-F32"]), "--image", str(a), "--image", str(b),
+                            "-p", f"Compare {MARKER} with {MARKER}:"]) == 0
+    out, err = capsys.readouterr()
+    assert "generated 4 tokens" in err
+    # the same as the API
+    llm = ggufrun.load(str(files["text"]), n_ctx=4096, mmproj=files["mmproj-F32"])
+    expect = llm.generate(f"Compare {MARKER} with {MARKER}:", images=[str(a), str(b)], max_tokens=4, temperature=0)
+    assert out.rstrip("\n").endswith(expect)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert cli.main(base + ["--mmproj", str(files["mmproj-F32"]), "--image", str(empty), "-p", "x"]) == 1
+    assert f"{empty}: the file is empty" in capsys.readouterr().err
+    assert cli.main(base + ["--image", str(a), "-p", "x"]) == 1
+    assert "--image needs --mmproj" in capsys.readouterr().err
+
+
+def test_chat_image_command(files, tmp_path):
+    import pexpect
+    from PIL import Image
+    good = tmp_path / "good.jpg"
+    Image.fromarray(picture(90, 150)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    env = {**os.environ, "GGUFRUN_HOME": str(tmp_path), "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
+    chat = pexpect.spawn(sys.executable, ["-m", "ggufrun.cli", "chat", "-m", str(files["text"]), "--mmproj",
+                                          str(files["mmproj-F32"]), "--temp", "0", "-n", "4"],
+                         env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        chat.expect_exact(">>> ")
+        chat.sendline(f"/image {bad}")
+        chat.expect_exact(f"error: {bad}: cannot be decoded")
+        chat.sendline(f"/image {tmp_path / 'nope.png'}")
+        chat.expect_exact("no such file")
+        chat.sendline(f"/image {good}")
+        chat.expect_exact(f"[image {good}: 150x90;")
+        chat.sendline("What is this?")
+        chat.expect(r"\[(\d+) tokens, [\d.]+ t/s; prompt (\d+) tokens")
+        assert int(chat.match.group(2)) > 81    # the crop's 81 rows and the overview's 4 were evaluated
+        chat.expect_exact(">>> ")
+        chat.sendline("And now?")               # the image stays in the history; its rows are reused
+        chat.expect(r"\[(\d+) tokens, [\d.]+ t/s; prompt (\d+) tokens")
+        assert int(chat.match.group(2)) < 40
+        chat.sendline("/quit")
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.terminate(force=True)
