@@ -58,6 +58,11 @@ class VisionConfig:
     seed: int = 11
 
 
+# for bench/vision_ttft.py: the real image geometry (728-pixel overview: 52 x 52 patches), a narrower and
+# shallower ViT (the real one is 1536 wide, 16 heads, 47 layers)
+BENCH_VISION = VisionConfig(name="bench", image_size=728, width=384, n_head=6, n_layer=8, n_ff=2240, seed=12)
+
+
 def text_weights_and_metadata(q: str) -> tuple[dict, dict]:
     """step35_tiny's weights and metadata with the image tokens appended to the vocabulary."""
     w = s35.weights(TEXT)

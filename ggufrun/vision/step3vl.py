@@ -5,7 +5,8 @@ pre-layernorm, blocks with fused-qkv attention under 2-D rotary positions, layer
 quick-GELU MLP), then two stride-2 3x3 convolutions and a linear projector into the text model's
 embedding space: one token per 4x4 patches. Semantics follow llama.cpp's clip_graph_step3vl.
 
-Every product with a weight is one batched native matmul over all patches (ops.Linear); convolutions
+Every product with a weight is one batched native matmul over all patches (ops.Linear, at act
+precision 1); convolutions
 are im2col (nine strided views, no per-patch loop) then a matmul. Like ggml_conv_2d, whose im2col is
 float16, the convolutions round their inputs and kernels to float16 (F32 files included); everything
 else is float32.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from .. import native
 from ..gguf_file import GGUFError, GGUFFile, QTensor
 from ..ops import Linear
 from .image import Preprocessed, load_image, preprocess_step3vl
@@ -286,6 +288,13 @@ class Encoder:
         return (h // s) * (w // s)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
+        # act precision 1: activations meet float16/quantized weights rounded exactly as ggml rounds them
+        # (float16 for an F16 file), one pass instead of two: ~1.6x faster products, and no further from
+        # llama.cpp's encoder. F32 weights are unaffected; the text model's setting is restored after.
+        with native.act_precision(1):
+            return self._encode(pixels)
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
         p = self.params
         c, h, w = pixels.shape
         P = p.patch
