@@ -60,7 +60,7 @@ def install() -> None:
             continue
         if hasattr(mod, "ffn"):
             mod.ffn = timed("ffn gate+up+glu+down (+norm)", ops.ffn)
-        if hasattr(mod, "ExpertStore"):
+        if mod_name == "moe":  # (the class, shared by every module that imports it: wrapped once)
             mod.ExpertStore.ffn = (lambda f: lambda self, *a, **k: timed("moe experts", f)(self, *a, **k))(
                 mod.ExpertStore.ffn)
         for fn in ("rms_norm", "rope", "glu", "attention", "embed_rows"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
-from .ops import ACT_GELU, ACT_SILU, Linear, LinearGroup, attention, ffn, rms_norm, rope
+from .ops import ACT_GELU, ACT_SILU, Linear, LinearGroup, attention, ffn, qk_norm_rope
 
 
 def small(f: GGUFFile, name: str, shape: tuple[int, ...] | None = None, optional: bool = False) -> np.ndarray | None:
@@ -78,21 +78,11 @@ class Attention:
         if self.bv is not None:
             v += self.bv
         r = c.rope
-        if n == 1 and self.q_norm is None and self.k_norm is None:
-            # one token: q's heads and k's heads are adjacent in buf, so one rope call turns both
-            qk = buf[:self.wq.rows + self.wk.rows].reshape(1, c.n_head + c.n_head_kv, c.head_dim_k)
-            rope(qk, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
-            q = q.reshape(n, c.n_head, c.head_dim_k)
-            k = k.reshape(n, c.n_head_kv, c.head_dim_k)
-        else:
-            q = q.reshape(n, c.n_head, c.head_dim_k)
-            k = k.reshape(n, c.n_head_kv, c.head_dim_k)
-            if self.q_norm is not None:
-                q = rms_norm(q, self.q_norm, c.norm_eps)
-            if self.k_norm is not None:
-                k = rms_norm(k, self.k_norm, c.norm_eps)
-            rope(q, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
-            rope(k, positions, r.n_rot, r.base, r.mode, r.freq_scale, self.freq_factors)
+        q = q.reshape(n, c.n_head, c.head_dim_k)
+        k = k.reshape(n, c.n_head_kv, c.head_dim_k)
+        # q and k are views of buf: normed (gemma3, step35) and rotated in place, in one call
+        qk_norm_rope(q, k, positions, self.q_norm, self.k_norm, c.norm_eps, r.n_rot, r.base, r.mode, r.freq_scale,
+                     self.freq_factors)
         return (q, k, v.reshape(n, c.n_head_kv, c.head_dim_v), *extra)
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int,

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import native
 from .gguf_file import GGUFError, GGUFFile, QTensor
-from .ops import ACT_SILU, Linear, ffn, rms_norm
+from .ops import ACT_SILU, Linear, LinearGroup, ffn
 
 _lib = native._load()
 _ffi = native._ffi
@@ -180,15 +180,18 @@ class Router:
     def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: RouterConfig):
         self.cfg = cfg
         self.w = Linear(f.tensor(prefix + "ffn_gate_inp.weight", (cfg.n_expert, n_embd)))
+        self._normed = LinearGroup([self.w])  # the same product with the block's norm folded in
         b = f.maybe_tensor(prefix + "exp_probs_b.bias", (cfg.n_expert,))
         self.bias = None if b is None else b.dequantize().reshape(-1).astype(np.float32)
         if cfg.gating not in (GATING_SOFTMAX, GATING_SIGMOID):
             raise GGUFError(f"{f.path}: expert gating function {cfg.gating} is not supported"
                             f" (1 softmax, 2 sigmoid)")
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0,
+                 x_normed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, weights) for x, or for rms_norm(x) * norm, which then goes to x_normed too."""
         c = self.cfg
-        logits = self.w(x)
+        logits = self.w(x) if norm is None else self._normed(x, norm, eps, x_normed)[0]
         if c.gating == GATING_SIGMOID:
             probs = sigmoid(logits)
         else:
@@ -218,9 +221,12 @@ class MoE:
         self.shared = shared
 
     def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
-        if norm is not None:  # the router needs the normed input too, so the norm is its own call here
-            x = rms_norm(x, norm, eps)
-        ids, w = self.router(x)
+        if norm is not None:  # the norm rides on the router's call, which hands back the normed input
+            xn = np.empty_like(x, dtype=np.float32)
+            ids, w = self.router(x, norm, eps, xn)
+            x = xn
+        else:
+            ids, w = self.router(x)
         y = self.store.ffn(self.il, x, ids, w, self.limit)
         if self.shared is not None:
             y += self.shared(x)

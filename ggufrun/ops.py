@@ -147,6 +147,18 @@ def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, mode: in
     return x
 
 
+def qk_norm_rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, q_norm: np.ndarray | None,
+                 k_norm: np.ndarray | None, eps: float, n_rot: int, base: float, mode: int, freq_scale: float = 1.0,
+                 freq_factors: np.ndarray | None = None) -> None:
+    """In place on contiguous q (n, n_head, head_dim) and k (n, n_head_kv, head_dim): per-head RMS norms
+    (None: none), then rope; one native call, the same bits as rms_norm and rope in turn."""
+    n, n_head, head_dim = q.shape
+    _check(_lib.gr_qk_norm_rope(_f32(q), _f32(k), _from_buffer(_INT32S, positions, False), n, n_head, k.shape[1],
+                                head_dim, _ffi.NULL if q_norm is None else _f32(q_norm),
+                                _ffi.NULL if k_norm is None else _f32(k_norm), eps, n_rot, mode, base, freq_scale,
+                                _ffi.NULL if freq_factors is None else _f32(freq_factors)), "qk_norm_rope")
+
+
 def glu(gate: np.ndarray, up: np.ndarray, act: int, clamp: float = 0.0) -> np.ndarray:
     """act(gate) * up, in gate's memory."""
     _check(_lib.gr_glu(_f32(gate), _f32(up), _f32(gate), gate.size, act, clamp), "glu")

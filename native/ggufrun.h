@@ -105,6 +105,12 @@ int  gr_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64
 /* In place on x (n_tok, n_head, head_dim): rotate the first n_rot dims of each head by pos[t]. */
 int  gr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t head_dim, int n_rot,
              int mode, float base, float freq_scale, const float *freq_factors);
+/* q (n_tok, n_head, head_dim) and k (n_tok, n_head_kv, head_dim) in place: each head RMS-normed with q_norm /
+ * k_norm (head_dim weights; NULL: no norm) as gr_rms_norm, then rotated as gr_rope; the same bits as those
+ * calls one by one. */
+int  gr_qk_norm_rope(float *q, float *k, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t n_head_kv,
+                     int64_t head_dim, const float *q_norm, const float *k_norm, float eps, int n_rot, int mode,
+                     float base, float freq_scale, const float *freq_factors);
 /* out = act(gate) * up over n floats; clamp > 0 caps act(gate) at clamp and clips up to [-clamp, clamp]. */
 int  gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
 /* Causal attention of n_q queries (n_q, n_head, dk) over n_kv cached slots of float16 keys

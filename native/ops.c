@@ -181,6 +181,19 @@ int gr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t
     return GR_OK;
 }
 
+/* Per-head RMS norms (optional) then rotary embedding of q and k, in place: the separate calls' arithmetic
+ * in one crossing of the Python/C boundary. */
+int gr_qk_norm_rope(float *q, float *k, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t n_head_kv,
+                    int64_t head_dim, const float *q_norm, const float *k_norm, float eps, int n_rot, int mode,
+                    float base, float freq_scale, const float *freq_factors) {
+    if (n_tok <= 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0) return GR_E_SHAPE;
+    int rc;
+    if (q_norm && (rc = gr_rms_norm(q, q_norm, q, n_tok * n_head, head_dim, eps)) != GR_OK) return rc;
+    if (k_norm && (rc = gr_rms_norm(k, k_norm, k, n_tok * n_head_kv, head_dim, eps)) != GR_OK) return rc;
+    if ((rc = gr_rope(q, pos, n_tok, n_head, head_dim, n_rot, mode, base, freq_scale, freq_factors)) != GR_OK) return rc;
+    return gr_rope(k, pos, n_tok, n_head_kv, head_dim, n_rot, mode, base, freq_scale, freq_factors);
+}
+
 /* ---------------------------------------------------------------- gated activations */
 
 static inline float silu_f(float x) { return x / (1.0f + expf(-x)); }

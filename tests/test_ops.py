@@ -111,3 +111,24 @@ def test_attention_large_batch_uses_threads():
     pos = np.arange(n_kv, dtype=np.int32)
     got = ops.attention(q, k, v, pos[-n_q:], pos, 0.125)
     np.testing.assert_allclose(got, attention_ref(q, k, v, pos[-n_q:], pos, 0.125), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("norms", [True, False])
+def test_qk_norm_rope_equals_the_separate_calls(simd, norms):
+    """One call for the per-head norms and rope of q and k gives the bits of rms_norm and rope in turn."""
+    n, n_head, n_head_kv, hd = 3, 4, 2, 64
+    q = rng.standard_normal((n, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((n, n_head_kv, hd)).astype(np.float32)
+    qn, kn = (rng.standard_normal(hd).astype(np.float32) for _ in range(2)) if norms else (None, None)
+    pos = np.array([5, 6, 900], dtype=np.int32)
+    ff = np.linspace(1, 4, 16).astype(np.float32)
+    want_q, want_k = q.copy(), k.copy()
+    if norms:
+        want_q, want_k = ops.rms_norm(want_q, qn, 1e-6), ops.rms_norm(want_k, kn, 1e-6)
+    ops.rope(want_q, pos, 32, 10000.0, ops.ROPE_NEOX, 0.5, ff)
+    ops.rope(want_k, pos, 32, 10000.0, ops.ROPE_NEOX, 0.5, ff)
+    ops.qk_norm_rope(q, k, pos, qn, kn, 1e-6, 32, 10000.0, ops.ROPE_NEOX, 0.5, ff)
+    assert np.array_equal(q.view(np.uint32), want_q.view(np.uint32))
+    assert np.array_equal(k.view(np.uint32), want_k.view(np.uint32))
+    with pytest.raises(ValueError, match="qk_norm_rope"):
+        ops.qk_norm_rope(q, k, pos, qn, kn, 1e-6, 33, 10000.0, ops.ROPE_NEOX)  # odd n_rot
