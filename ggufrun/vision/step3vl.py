@@ -26,7 +26,6 @@ from .image import Preprocessed, load_image, preprocess_step3vl
 
 _F = np.float32
 ROPE_THETA = 10000.0       # llama.cpp's step3vl value (not in the file)
-ATTN_CHUNK_BYTES = 64 << 20  # attention score block per step: bounds memory on big patch grids
 
 
 @dataclass(frozen=True)
@@ -181,20 +180,21 @@ def rope_2d(x: np.ndarray, pos_w: np.ndarray, pos_h: np.ndarray, theta: float) -
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """Non-causal softmax attention, all heads: q, k, v (n, n_head, d) -> (n, n_head * d). Scores are
-    computed a block of heads at a time so a large patch grid stays within ATTN_CHUNK_BYTES."""
+    """Non-causal softmax attention, all heads: q, k, v (n, n_head, d) -> (n, n_head * d), in float32.
+    Per head, both products are native matmuls over all patches (K, then V transposed, as the "weight"
+    of a float32 product); the softmax is numpy, in place on the (n, n) scores."""
     n, nh, d = q.shape
-    qh, kh, vh = (np.ascontiguousarray(t.transpose(1, 0, 2)) for t in (q, k, v))
-    out = np.empty((nh, n, d), _F)
-    step = max(1, ATTN_CHUNK_BYTES // (4 * n * n))
-    for h0 in range(0, nh, step):
-        s = np.matmul(qh[h0:h0 + step], kh[h0:h0 + step].transpose(0, 2, 1))
+    out = np.empty((n, nh, d), _F)
+    for h in range(nh):
+        kh = np.ascontiguousarray(k[:, h])
+        s = native.matmul(kh.view(np.uint8).reshape(-1), QT.F32, n, d, np.ascontiguousarray(q[:, h]))
         s *= _F(scale)
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
-        out[h0:h0 + step] = np.matmul(s, vh[h0:h0 + step])
-    return out.transpose(1, 0, 2).reshape(n, nh * d)
+        vt = np.ascontiguousarray(v[:, h].T)
+        out[:, h] = native.matmul(vt.view(np.uint8).reshape(-1), QT.F32, d, n, s)
+    return out.reshape(n, nh * d)
 
 
 class Block:
