@@ -115,7 +115,7 @@ class LLM:
         below zero, keyed by the image's pixels; generate() and logits_with_images() take such ids.
         Each image is encoded once and kept for later prompts (a chat resends its history)."""
         from .vision import load_image
-        from .vision.prompt import build, image_key
+        from .vision.prompt import build, image_key, image_of
         if images and self.mmproj is None:
             raise ValueError("images need a vision projector: load with mmproj=PATH (--mmproj)")
         pairs = []
@@ -130,6 +130,8 @@ class LLM:
             pairs.append((pixels, emb))
         p = build(self.tokenizer, text, pairs, add_special=add_special, parse_special=parse_special)
         self._image_rows.update(p.rows)
+        # keep the rows of the images still kept (the cache of 8), not of every image ever seen
+        self._image_rows = {pid: r for pid, r in self._image_rows.items() if image_of(pid) in self._image_embd}
         return p.ids
 
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:

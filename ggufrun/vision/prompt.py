@@ -36,6 +36,11 @@ def placeholder_ids(key: int, n: int) -> list[int]:
     return [-(base + j) for j in range(n)]
 
 
+def image_of(pid: int) -> int:
+    """The image key of a placeholder id."""
+    return (-pid - 1) >> _ROW_BITS
+
+
 @dataclass
 class MultimodalPrompt:
     ids: list[int] = field(default_factory=list)        # image rows < 0
