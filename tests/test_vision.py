@@ -35,7 +35,7 @@ from ggufrun.gguf_file import GGUFError  # noqa: E402
 from ggufrun.vision import ImageError, load_image  # noqa: E402
 from ggufrun.vision.prompt import MARKER  # noqa: E402
 from ggufrun.vision.step3vl import Encoder  # noqa: E402
-from mtmd_oracle import CHUNK_IMAGE, CHUNK_TEXT, Mtmd  # noqa: E402
+from mtmd_oracle import CHUNK_TEXT, Mtmd  # noqa: E402
 
 
 def picture(h: int, w: int, seed: int = 0) -> np.ndarray:
