@@ -75,6 +75,15 @@ def step_costs(llm, ids) -> dict:
         return f
     for n in (1, 2, 3, 4):
         out[f"trunk_{n}tok"] = timeit(trunk(n))
+    # routed-expert bytes a verify of n tokens reads (each distinct expert of a layer once), at these
+    # real tokens rather than a repeated one
+    from ggufrun.mtp import ExpertReads
+    real = llm.tokenize(prompts(2)[1])
+    for n in (1, 2, 4):
+        with ExpertReads(m.experts) as er:
+            m.forward_hidden(np.array(real[:n]), cache)
+            cache.truncate(P)
+        out[f"expert_bytes_{n}tok"] = er.bytes
     h = np.zeros((1, m.n_embd), np.float32)
     out["vocab_logits_1row"] = timeit(lambda: m.logits(h))
     for j, head in enumerate(m.nextn):
@@ -151,7 +160,8 @@ def main(argv=None) -> int:
                                  "acceptance": a_pos, "accepted_drafted": acc[name]}
         acc_s = " ".join("-" if v is None else f"{v:.0%}" for v in a_pos) if name != "plain" else ""
         print(f"{name:<10} {med:>14.1f} {med / plain:>8.2f}x  {acc_s}")
-    print("step costs (ms, median):", ", ".join(f"{k} {v * 1e3:.2f}" for k, v in costs.items()))
+    print("step costs (ms, median):", ", ".join(f"{k} {v * 1e3:.2f}" for k, v in costs.items() if "bytes" not in k))
+    print("routed expert bytes read:", ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in costs.items() if "bytes" in k))
     print("greedy with MTP identical to plain:", ok)
     print("sample (prompt end | continuation):")
     print(sample[0][-200:] + "|" + sample[1])
