@@ -47,6 +47,13 @@ def decode(llm, ids, n, k, adaptive=False):
     return out, s.generated_tokens / s.generate_seconds, s
 
 
+def degenerate(text: str) -> bool:
+    """A continuation that is one short line repeated (a weak model's loop): drafting it is trivial,
+    so its acceptance says little about the heads."""
+    lines = [l for l in text.splitlines() if l.strip()]
+    return len(lines) >= 8 and len(set(lines)) <= 2
+
+
 def timeit(fn, reps=20):
     fn()
     ts = []
@@ -110,8 +117,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default=str(DEFAULT_MODEL))
     ap.add_argument("-n", "--tokens", type=int, default=128)
-    ap.add_argument("-p", "--prompts", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-p", "--prompts", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--json", default=str(ROOT / "out" / "mtp_speedup.json"))
     a = ap.parse_args(argv)
@@ -121,6 +128,7 @@ def main(argv=None) -> int:
     acc = {v[0]: [[0, 0] for _ in range(3)] for v in variants}
     ok = True
     sample = None
+    per_prompt = {}
     load0 = os.getloadavg()
     t_start = time.time()
     for r in range(a.rounds):
@@ -138,6 +146,9 @@ def main(argv=None) -> int:
                         acc[name][i][0] += s.mtp.accepted[i]
                         acc[name][i][1] += s.mtp.drafted[i]
             ref = results["plain"]
+            per_prompt.setdefault(pi, {"degenerate": degenerate(ref), "rates": {}})
+            for name in results:
+                per_prompt[pi]["rates"].setdefault(name, []).append(rates[name][-1])
             for name, out in results.items():
                 if out != ref:
                     ok = False
@@ -160,6 +171,18 @@ def main(argv=None) -> int:
                                  "acceptance": a_pos, "accepted_drafted": acc[name]}
         acc_s = " ".join("-" if v is None else f"{v:.0%}" for v in a_pos) if name != "plain" else ""
         print(f"{name:<10} {med:>14.1f} {med / plain:>8.2f}x  {acc_s}")
+    print("per prompt: k3 and adaptive speed-up over plain (median of rounds); * = degenerate continuation")
+    for pi, pp in sorted(per_prompt.items()):
+        med = {n: statistics.median(v) for n, v in pp["rates"].items()}
+        pp["speedup_k3"] = med["k3"] / med["plain"]
+        pp["speedup_adaptive"] = med["adaptive"] / med["plain"]
+        print(f"  prompt {pi}{'*' if pp['degenerate'] else ' '} k3 {pp['speedup_k3']:.2f}x adaptive {pp['speedup_adaptive']:.2f}x")
+    rep["per_prompt"] = per_prompt
+    good = [pp for pp in per_prompt.values() if not pp["degenerate"]]
+    if good:
+        print(f"non-degenerate prompts ({len(good)}): median speed-up k3"
+              f" {statistics.median(pp['speedup_k3'] for pp in good):.2f}x, adaptive"
+              f" {statistics.median(pp['speedup_adaptive'] for pp in good):.2f}x")
     print("step costs (ms, median):", ", ".join(f"{k} {v * 1e3:.2f}" for k, v in costs.items() if "bytes" not in k))
     print("routed expert bytes read:", ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in costs.items() if "bytes" in k))
     print("greedy with MTP identical to plain:", ok)

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "step35-mtp-py-Q8_0.gguf"
 HELDOUT = Path(__file__).parent / "data" / "mtp_heldout.txt"
 N_GEN = 40
-# head 1's acceptance over the held-out prompts below; measured on the committed file at k = 1: see
-# models/README.md (bench/mtp_speedup.py). A random head accepts ~1/4096; the floor leaves a wide margin.
+N_POS = 300
+# head 1's teacher-forced acceptance on the first N_POS positions of the held-out text: 52.0% measured
+# on the committed file (llama.cpp's own MTP: 53.3%; bench/llamacpp_mtp.py, models/README.md). A head
+# that did not predict would accept ~1/4096; the floor leaves a wide margin for rounding changes.
 HEAD1_FLOOR = 0.35
 
 
@@ -62,19 +64,22 @@ def test_greedy_identical_with_and_without_mtp(llm, k):
 
 
 def test_head1_acceptance_well_above_chance(llm):
-    accepted = drafted = 0
-    llm.mtp_adaptive = False
-    try:
-        for text in prompts(4):
-            llm.reset()
-            llm.generate(llm.tokenize(text), max_tokens=N_GEN, temperature=0.0, mtp=1)
-            s = llm.last_stats.mtp
-            accepted += s.accepted[0]
-            drafted += s.drafted[0]
-    finally:
-        llm.mtp_adaptive = True
-    assert drafted >= 4 * (N_GEN // 2 - 1)
-    assert accepted / drafted >= HEAD1_FLOOR, (accepted, drafted)
+    """Teacher-forced over held-out text: at each position P (committed text[:P], id_last text[P]) head 1
+    drafts; it is accepted when it equals the trunk's arg-max at P. Greedy generations of this small
+    model can fall into one-line loops that any head drafts, so the text, not a generation, is the test."""
+    from ggufrun.mtp import MTPDrafter
+    model = llm.model
+    ids = llm.tokenize(HELDOUT.read_text(encoding="utf-8"))[:N_POS + 17]
+    h = model.forward_hidden(np.array(ids), model.new_cache(512, 512))
+    trunk_next = model.logits(h).argmax(-1)
+    d = MTPDrafter(model, 512, 64)
+    d.record(0, h)
+    hits = 0
+    for P in range(16, len(ids) - 1):
+        (draft,), _ = d.draft(ids[:P], ids[P], 1, lambda lg: (int(np.argmax(lg)), None))
+        hits += draft == trunk_next[P]
+    rate = hits / (len(ids) - 17)
+    assert rate >= HEAD1_FLOOR, rate
 
 
 def test_trunk_greedy_matches_llama_cpp(llm):
