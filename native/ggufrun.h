@@ -132,4 +132,15 @@ int  gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const v
                 const float *x, int64_t n_tok, int64_t n_used, const int32_t *ids, const float *weights,
                 float limit, float *y);
 
+/* ---- vision ---- (native/vision.c: the image encoder's ops, ggufrun/vision/) */
+/* Non-causal softmax attention of n tokens over themselves, n_head heads of d floats: token t's head h
+ * is at q + t * q_stride + h * d (likewise k, v, out; strides in floats, >= n_head * d, so q/k/v may be
+ * views into one fused qkv buffer). out = softmax(scale * q k^T) v per head, float32 throughout. */
+int  gr_vision_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                         int64_t v_stride, float *out, int64_t out_stride, int64_t n, int64_t n_head, int64_t d,
+                         float scale);
+/* y = quick-GELU(x) as ggml's CPU backend computes it: x rounded to float16, looked up in a table of
+ * float16(x * 1 / (1 + expf(-1.702 x))); y may alias x. */
+int  gr_vision_gelu_quick_f16(const float *x, float *y, int64_t n);
+
 #endif

@@ -296,3 +296,56 @@ def test_chat_image_command(files, tmp_path):
         chat.expect(pexpect.EOF)
     finally:
         chat.terminate(force=True)
+
+
+def _attention_ref(q, k, v, scale):
+    """float64 softmax(scale q k^T) v per head: the reference gr_vision_attention is held to"""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    s = np.einsum("ihd,jhd->hij", q, k) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hij,jhd->ihd", p, v).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("n,nh,d", [(1, 1, 4), (7, 3, 12), (61, 2, 36), (203, 5, 64), (530, 3, 20)])
+def test_vision_attention_kernel(n, nh, d, isa):
+    # sizes: one token; fewer queries than a 6-row block; token counts not multiples of the 24-query tile,
+    # the 16-key block or the 256-key chunk; head sizes below, between and at multiples of 16
+    from ggufrun import native
+    from ggufrun.vision.step3vl import attention
+    rng = np.random.default_rng(n * 100 + d)
+    qkv = (rng.standard_normal((n, 3, nh, d)) * 2).astype(np.float32)   # scores spread well past e^1
+    q, k = np.ascontiguousarray(qkv[:, 0]), np.ascontiguousarray(qkv[:, 1])
+    ref = _attention_ref(q, k, qkv[:, 2], 0.3)
+    with native.force_isa(native.best_isa() if isa == "best" else "scalar"):
+        got = attention(q, k, qkv[:, 2], 0.3)                            # v: a token-strided view
+        got_views = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], 0.3)
+    assert got.shape == (n, nh * d) and got.dtype == np.float32
+    # float32 scores of magnitude ~10 carry ~1e-6 absolute error, which exp turns into relative error of
+    # the probabilities: a few 1e-6 (a misplaced tile, padding key or lost row would be off by O(1))
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 1e-5, err
+    np.testing.assert_array_equal(got, got_views)
+
+
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+def test_vision_gelu_quick_is_ggmls_float16_table(isa):
+    from ggufrun import native
+    from ggufrun.vision.step3vl import activation
+    rng = np.random.default_rng(3)
+    # every float16 value (the table's whole domain) plus float32 values between them, an odd count
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    x = np.concatenate([h[np.isfinite(h)].astype(np.float32),
+                        (rng.standard_normal(100_003) * 4).astype(np.float32)])
+    hx = x.astype(np.float16).astype(np.float64)
+    with np.errstate(over="ignore"):    # exp(1.702 * 65504) is inf, the quotient 0, as in float32
+        ref = (hx * (1.0 / (1.0 + np.exp(-1.702 * hx)))).astype(np.float16).astype(np.float32)
+    with native.force_isa(native.best_isa() if isa == "best" else "scalar"):
+        got = activation(x.copy(), "gelu_quick")
+    # the table is built with float32 expf, the reference in float64: at most one float16 step apart,
+    # where the float32 value sits on a float16 rounding boundary
+    with np.errstate(over="ignore"):    # the step above 65504 is inf: no bound needed there
+        ulp = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float32)
+    diff = np.abs(got - ref)
+    assert (diff <= ulp).all() and (diff == 0).mean() > 0.999, (diff / ulp).max()

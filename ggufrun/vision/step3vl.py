@@ -24,6 +24,9 @@ from ..gguf_file import GGUFError, GGUFFile, QTensor
 from ..ops import Linear
 from .image import Preprocessed, load_image, preprocess_step3vl
 
+_lib = native._load()
+_ffi = native._ffi
+
 _F = np.float32
 ROPE_THETA = 10000.0       # llama.cpp's step3vl value (not in the file)
 
@@ -136,9 +139,9 @@ def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: f
 def activation(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "gelu_quick":
         # ggml's CPU backend reads quick-GELU from a float16 table (input and output rounded to float16);
-        # doing the same keeps the encoder 3x closer to llama.cpp's (relative error ~1e-4, not ~3e-4)
-        h = x.astype(np.float16).astype(_F)
-        return (h / (_F(1.0) + np.exp(_F(-1.702) * h))).astype(np.float16).astype(_F)
+        # doing the same keeps the encoder 3x closer to llama.cpp's (relative error ~1e-4, not ~3e-4).
+        # Native: numpy's float16 round trips cost as much as the encoder's largest matmul.
+        return gelu_quick_f16(np.ascontiguousarray(x, dtype=_F))
     if kind == "silu":
         return x / (_F(1.0) + np.exp(-x))
     # tanh approximation, as ggml_gelu
@@ -180,21 +183,30 @@ def rope_2d(x: np.ndarray, pos_w: np.ndarray, pos_h: np.ndarray, theta: float) -
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """Non-causal softmax attention, all heads: q, k, v (n, n_head, d) -> (n, n_head * d), in float32.
-    Per head, both products are native matmuls over all patches (K, then V transposed, as the "weight"
-    of a float32 product); the softmax is numpy, in place on the (n, n) scores."""
+    """Non-causal softmax attention, all heads: q, k, v (n, n_head, d) -> (n, n_head * d), float32, in
+    one native call (gr_vision_attention: tiled over heads x query blocks on the thread pool, no (n, n)
+    score matrix in memory). Each array may be a token-strided view (v straight out of the fused qkv
+    product): only the last two axes must be contiguous."""
     n, nh, d = q.shape
-    out = np.empty((n, nh, d), _F)
-    for h in range(nh):
-        kh = np.ascontiguousarray(k[:, h])
-        s = native.matmul(kh.view(np.uint8).reshape(-1), QT.F32, n, d, np.ascontiguousarray(q[:, h]))
-        s *= _F(scale)
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
-        vt = np.ascontiguousarray(v[:, h].T)
-        out[:, h] = native.matmul(vt.view(np.uint8).reshape(-1), QT.F32, d, n, s)
-    return out.reshape(n, nh * d)
+    args = []
+    for a in (q, k, v):
+        if a.dtype != _F or a.shape != (n, nh, d) or a.strides[1:] != (4 * d, 4) or a.strides[0] % 4:
+            raise ValueError(f"attention: expected float32 ({n}, {nh}, {d}) arrays with contiguous heads")
+        # a raw address (the arrays outlive the call); from_buffer would refuse a strided view
+        args += [_ffi.cast("float *", a.__array_interface__["data"][0]), a.strides[0] // 4]
+    out = np.empty((n, nh * d), _F)
+    native._check(_lib.gr_vision_attention(*args, _ffi.from_buffer("float[]", out, require_writable=True),
+                                            nh * d, n, nh, d, scale), "vision attention")
+    return out
+
+
+def gelu_quick_f16(x: np.ndarray) -> np.ndarray:
+    """ggml's quick-GELU in place on a contiguous float32 array: the input rounded to float16 and looked
+    up in a float16 table (gr_vision_gelu_quick_f16)."""
+    native._check(_lib.gr_vision_gelu_quick_f16(_ffi.from_buffer("float[]", x, require_writable=True),
+                                                _ffi.from_buffer("float[]", x, require_writable=True), x.size),
+                  "gelu_quick")
+    return x
 
 
 class Block:
