@@ -143,4 +143,11 @@ int  gr_vision_attention(const float *q, int64_t q_stride, const float *k, int64
  * float16(x * 1 / (1 + expf(-1.702 x))); y may alias x. */
 int  gr_vision_gelu_quick_f16(const float *x, float *y, int64_t n);
 
+/* y = x W^T (+ bias) for many rows of x (a vision encoder's patches): W rows x cols of F32 (0) or F16 (1),
+ * row r at w + r * row_stride bytes; x (n, cols), y (n, rows) float32; bias (rows) or NULL. gr_matmul's
+ * numerics at act precision 1 (x rounded to float16 for F16 weights), summed in another order; a
+ * register-blocked kernel for n in the thousands. GR_E_QTYPE for other types. */
+int  gr_vision_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride, const float *x,
+                      int64_t n, const float *bias, float *y);
+
 #endif

@@ -349,3 +349,35 @@ def test_vision_gelu_quick_is_ggmls_float16_table(isa):
         ulp = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float32)
     diff = np.abs(got - ref)
     assert (diff <= ulp).all() and (diff == 0).mean() > 0.999, (diff / ulp).max()
+
+
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+@pytest.mark.parametrize("n,rows,cols,bias", [(1, 1, 1, False), (5, 17, 9, True), (103, 40, 37, True),
+                                               (250, 33, 300, False)])
+def test_vision_matmul_kernel(n, rows, cols, bias, qtype, isa):
+    # sizes: a single row/column; token counts not multiples of the 6-row block or 96-row chunk, weight
+    # rows not multiples of the 16-row panel, columns not multiples of the 8-float vector
+    from gguf import GGMLQuantizationType as QT
+    from ggufrun import native
+    from ggufrun.gguf_file import QTensor
+    from ggufrun.ops import Linear
+    from ggufrun.vision.step3vl import Dense
+    rng = np.random.default_rng(rows * 1000 + cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    qt = QT[qtype]
+    wq = w if qt == QT.F32 else w.astype(np.float16)
+    d = Dense.__new__(Dense)    # the layer without a file: its weight and bias set directly
+    d.f16, d.lin = False, Linear(QTensor("w", qt, (rows, cols), wq.reshape(-1).view(np.uint8)))
+    d.bias = rng.standard_normal(rows).astype(np.float32) if bias else None
+    # reference: gr_matmul's act precision 1 numerics in float64 (x rounded to float16 for F16 weights)
+    xr = x if qt == QT.F32 else x.astype(np.float16)
+    ref = xr.astype(np.float64) @ wq.astype(np.float64).T + (d.bias if bias else 0.0)
+    with native.force_isa(native.best_isa() if isa == "best" else "scalar"), native.act_precision(1):
+        got = d(x)
+        via_matmul = native.matmul(wq.reshape(-1).view(np.uint8), qt, rows, cols, x) + (d.bias if bias else 0.0)
+    assert got.shape == (n, rows) and got.dtype == np.float32
+    scale = np.abs(xr.astype(np.float64)) @ np.abs(wq.astype(np.float64)).T + 1.0  # float32 summation error
+    assert (np.abs(got - ref) / scale).max() < 4e-7 * max(cols, 8) ** 0.5
+    np.testing.assert_allclose(got, via_matmul, rtol=0, atol=float(1e-6 * scale.max()))

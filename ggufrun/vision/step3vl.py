@@ -116,9 +116,21 @@ class Dense:
         self.bias = _small(f, bias, rows, optional=True) if bias else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        lin = self.lin
+        if lin.qtype in (QT.F32, QT.F16) and native.get_act_precision() == 1:
+            # F16/F32 weights (the usual mmproj): gr_vision_matmul, register-blocked for thousands of
+            # patches (~2x gr_matmul's per-row dot products there), the float16 rounding of x and the bias
+            # inside; its numerics are gr_matmul's at act precision 1, which encode() always sets
+            x = np.ascontiguousarray(x, dtype=_F)
+            y = np.empty((x.shape[0], lin.rows), _F)
+            native._check(_lib.gr_vision_matmul(
+                lin.qtype, lin._w, lin.rows, lin.cols, lin.stride, _ffi.from_buffer("float[]", x), x.shape[0],
+                _ffi.NULL if self.bias is None else _ffi.from_buffer("float[]", self.bias),
+                _ffi.from_buffer("float[]", y, require_writable=True)), f"vision matmul {lin.name}")
+            return y
         if self.f16:
             x = x.astype(np.float16).astype(_F)
-        y = self.lin(x)
+        y = lin(x)
         if self.bias is not None:
             y += self.bias
         return y
