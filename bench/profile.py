@@ -63,7 +63,7 @@ def install() -> None:
         if mod_name == "moe":  # (the class, shared by every module that imports it: wrapped once)
             mod.ExpertStore.ffn = (lambda f: lambda self, *a, **k: timed("moe experts", f)(self, *a, **k))(
                 mod.ExpertStore.ffn)
-        for fn in ("rms_norm", "rope", "glu", "attention", "embed_rows"):
+        for fn in ("rms_norm", "rope", "qk_norm_rope", "glu", "attention", "embed_rows"):
             if hasattr(mod, fn):
                 setattr(mod, fn, timed(fn, getattr(ops, fn)))
 

@@ -820,7 +820,9 @@ def test_vnni_kernels_under_avx2_emulation(tmp_path):
         pytest.skip("needs an AVX2 CPU to run the emulation")
     native._load()  # the library's objects (built with it) supply dispatch and the scalar reference
     exe = tmp_path / "vnni_emulation"
-    objs = [str(NATIVE_DIR / "build" / f) for f in ("dispatch.o", "threadpool.o", "kernels_scalar.o", "kernels_avx2.o")]
+    # (ops.o: the fused calls in dispatch.o use its norm and activations)
+    objs = [str(NATIVE_DIR / "build" / f) for f in ("dispatch.o", "threadpool.o", "kernels_scalar.o", "kernels_avx2.o",
+                                                     "ops.o")]
     build = subprocess.run(["gcc", "-O1", "-std=gnu11", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c",
                             f"-I{NATIVE_DIR}", "-o", str(exe), str(Path(__file__).resolve().parent / "vnni_emulation.c"),
                             *objs, "-lm", "-pthread"], capture_output=True, text=True)
@@ -927,6 +929,33 @@ def test_moe_one_token_path_equals_grouped_sum(precision):
                 if e2 == e:
                     want += wts[0, k] * h
         assert_same_floats(got[0], want)
+
+
+@pytest.mark.parametrize("precision", [1, 2])
+def test_moe_few_tokens_equal_their_one_token_results(precision):
+    """gr_moe_ffn on 2..8 tokens (gr_moe_few: all experts in two pool passes) gives every token the bits
+    it gets alone (gr_moe_decode), whatever the batch around it: repeated experts across tokens, an
+    expert twice in one token, gate and up in different activation formats, a type without decode
+    kernels (F16), the clamp; an MTP verify's MoE then equals the plain decode's."""
+    from ggufrun import moe
+    native.set_act_precision(precision)
+    rng = np.random.default_rng(21 + precision)
+    n_expert, n_embd, n_ff = 7, 256, 512
+    for gq, uq, dq in ((T.Q4_K, T.Q8_0, T.Q6_K), (T.Q8_0, T.Q8_0, T.F16)):
+        experts = [(_qtensor(gq, n_ff, n_embd, rng), _qtensor(uq, n_ff, n_embd, rng),
+                    _qtensor(dq, n_embd, n_ff, rng)) for _ in range(n_expert)]
+        ptrs = [native._ffi.new("void *[]", [_ffi_buf(t[k]) for t in experts]) for k in range(3)]
+        for n_tok, n_used, limit in ((2, 2, 0.0), (3, 3, 0.02), (4, 2, 0.0), (8, 2, 0.0), (5, 1, 0.0)):
+            x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+            ids = rng.integers(0, n_expert, (n_tok, n_used)).astype(np.int32)
+            ids[0, -1] = ids[0, 0]                 # one token picks an expert twice
+            ids[-1, 0] = ids[0, 0]                 # and another token shares it
+            wts = rng.uniform(0.1, 1.0, (n_tok, n_used)).astype(np.float32)
+            got = moe._ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x, ids, wts, limit)
+            for t in range(n_tok):
+                alone = moe._ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x[t:t + 1], ids[t:t + 1],
+                                      wts[t:t + 1], limit)
+                assert_same_floats(got[t], alone[0])
 
 
 def _ffi_buf(t):
