@@ -150,4 +150,16 @@ int  gr_vision_gelu_quick_f16(const float *x, float *y, int64_t n);
 int  gr_vision_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride, const float *x,
                       int64_t n, const float *bias, float *y);
 
+/* Rotate adjacent pairs in place: for token t < n, head h < n_head, pair p < d / 2 of the head at
+ * x + t * stride + h * d, (x[2p], x[2p+1]) by the angle whose cosine and sine are cos_t / sin_t[t * d/2 + p]
+ * (products rounded one by one: a * c - b * s, a * s + b * c). The step3vl 2-D rope puts the column's
+ * angles in the first d/4 pairs and the row's in the rest. */
+int  gr_vision_rope_pairs(float *x, int64_t stride, int64_t n, int64_t n_head, int64_t d, const float *cos_t,
+                          const float *sin_t);
+
+/* y = (x - mean) / sqrt(var + eps) * w + b per row of dim floats (w, b may be NULL; y may alias x):
+ * ggml_norm's arithmetic (sums in double, mean, variance and scale rounded to float), then * w and + b. */
+int  gr_vision_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t n_rows, int64_t dim,
+                          float eps);
+
 #endif

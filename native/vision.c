@@ -508,3 +508,52 @@ int gr_vision_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64
     pthread_mutex_unlock(&vision_mutex);
     return GR_OK;
 }
+
+/* ---------------------------------------------------------------- 2-D rotary, in place */
+
+int gr_vision_rope_pairs(float *x, int64_t stride, int64_t n, int64_t n_head, int64_t d, const float *cos_t,
+                         const float *sin_t) {
+    if (n <= 0 || n_head <= 0 || d <= 0 || d % 2) return GR_E_SHAPE;
+    if (stride < n_head * d) return GR_E_ARG;
+    const int64_t half = d / 2;
+    for (int64_t t = 0; t < n; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < n_head; h++) {
+            float *v = x + t * stride + h * d;
+            /* numpy's a * c - b * s, a * s + b * c: each product rounded (no FMA contraction here) */
+            for (int64_t p = 0; p < half; p++) {
+                const float a = v[2 * p], b = v[2 * p + 1];
+                v[2 * p] = a * c[p] - b * s[p];
+                v[2 * p + 1] = a * s[p] + b * c[p];
+            }
+        }
+    }
+    return GR_OK;
+}
+
+/* ---------------------------------------------------------------- layer norm */
+
+/* ggml_norm's arithmetic (then ggml_mul and ggml_add, one rounding each): the sum in double, the mean
+ * rounded to float, x - mean in float, its float squares summed in double, scale 1 / sqrtf(var + eps) */
+int gr_vision_layer_norm(const float *x, const float *w, const float *b, float *y, int64_t n_rows, int64_t dim,
+                         float eps) {
+    if (n_rows <= 0 || dim <= 0) return GR_E_SHAPE;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        double sum = 0.0;
+        for (int64_t i = 0; i < dim; i++) sum += xr[i];
+        const float mean = (float)sum / (float)dim;
+        double sum2 = 0.0;
+        for (int64_t i = 0; i < dim; i++) {
+            const float v = xr[i] - mean;
+            yr[i] = v;
+            sum2 += (double)(v * v);
+        }
+        const float scale = 1.0f / sqrtf((float)(sum2 / (double)dim) + eps);
+        for (int64_t i = 0; i < dim; i++) yr[i] *= scale;
+        if (w) for (int64_t i = 0; i < dim; i++) yr[i] *= w[i];
+        if (b) for (int64_t i = 0; i < dim; i++) yr[i] += b[i];
+    }
+    return GR_OK;
+}

@@ -381,3 +381,43 @@ def test_vision_matmul_kernel(n, rows, cols, bias, qtype, isa):
     scale = np.abs(xr.astype(np.float64)) @ np.abs(wq.astype(np.float64)).T + 1.0  # float32 summation error
     assert (np.abs(got - ref) / scale).max() < 4e-7 * max(cols, 8) ** 0.5
     np.testing.assert_allclose(got, via_matmul, rtol=0, atol=float(1e-6 * scale.max()))
+
+
+def test_vision_rope_is_the_numpy_rotation():
+    # the previous numpy implementation, element for element: the first half of each head rotates by
+    # the column, the second by the row, adjacent pairs; float64 angles, float32 products
+    from ggufrun.vision.step3vl import rope_2d, rope_tables
+    n, nh, d, gw = 35, 3, 20, 7
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((n, 3, nh, d)).astype(np.float32)
+    idx = np.arange(n)
+    pos_w, pos_h = idx % gw, idx // gw
+    half = d // 2
+    inv = 10000.0 ** (-np.arange(0, half, 2, dtype=np.float64) / half)
+    x = qkv[:, 1]
+    ref = np.empty_like(x)
+    for sl, pos in ((slice(0, half), pos_w), (slice(half, d), pos_h)):
+        ang = pos[:, None].astype(np.float64) * inv[None, :]
+        c, s = np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
+        a, b = x[:, :, sl][..., 0::2], x[:, :, sl][..., 1::2]
+        ref[:, :, sl][..., 0::2] = a * c - b * s
+        ref[:, :, sl][..., 1::2] = a * s + b * c
+    untouched = qkv[:, [0, 2]].copy()
+    rope_2d(qkv[:, 1], rope_tables(pos_w, pos_h, d, 10000.0))      # in place, in a token-strided view
+    np.testing.assert_array_equal(qkv[:, 1], ref)
+    np.testing.assert_array_equal(qkv[:, [0, 2]], untouched)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_vision_layer_norm(affine):
+    from ggufrun.vision.step3vl import layer_norm
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((37, 53)) * 3 + 5).astype(np.float32)   # an offset mean, as residuals have
+    w, b = (rng.standard_normal(53).astype(np.float32) for _ in range(2))
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-6)
+    if affine:
+        ref = ref * w + b
+    got = layer_norm(x, w if affine else None, b if affine else None, 1e-6)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-6 * (np.abs(w).max() + np.abs(b).max() if affine else 1))

@@ -137,14 +137,14 @@ class Dense:
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
-    mu = x.mean(axis=-1, keepdims=True, dtype=np.float64)
-    d = (x - mu).astype(_F)
-    var = np.mean(np.square(d, dtype=np.float64), axis=-1, keepdims=True)
-    y = d * (1.0 / np.sqrt(var + eps)).astype(_F)
-    if w is not None:
-        y *= w
-    if b is not None:
-        y += b
+    """Row-wise layer norm of a (n, dim) float32 array into a new one (gr_vision_layer_norm: ggml_norm's
+    sums in double, then the weight and bias)."""
+    x = np.ascontiguousarray(x, dtype=_F)
+    y = np.empty_like(x)
+    opt = lambda a: _ffi.NULL if a is None else _ffi.from_buffer("float[]", a)   # noqa: E731
+    native._check(_lib.gr_vision_layer_norm(_ffi.from_buffer("float[]", x), opt(w), opt(b),
+                                            _ffi.from_buffer("float[]", y, require_writable=True),
+                                            x.shape[0], x.shape[1], eps), "layer norm")
     return y
 
 
@@ -176,22 +176,28 @@ def resize_weights(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
-def rope_2d(x: np.ndarray, pos_w: np.ndarray, pos_h: np.ndarray, theta: float) -> np.ndarray:
-    """x (n, n_head, d): the first half of each head rotates by the column, the second by the row, each
-    as adjacent pairs (x[2i], x[2i+1]) with frequencies theta^(-2i / (d/2))."""
-    n, h, d = x.shape
+def rope_tables(pos_w: np.ndarray, pos_h: np.ndarray, d: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, (n, d/2) float32, of step3vl's 2-D rotary for heads of d: pair i < d/4 (the first half
+    of the head) turns by the column, the rest by the row, with frequencies theta^(-2i / (d/2)). Angles
+    in float64, rounded once; computed once per image, not per layer."""
     half = d // 2
     inv = theta ** (-np.arange(0, half, 2, dtype=np.float64) / half)        # (half/2,)
-    out = np.empty_like(x)
-    for sl, pos in ((slice(0, half), pos_w), (slice(half, d), pos_h)):
-        ang = pos[:, None].astype(np.float64) * inv[None, :]                  # (n, half/2)
-        c, s = np.cos(ang).astype(_F)[:, None, :], np.sin(ang).astype(_F)[:, None, :]
-        xs = x[:, :, sl]
-        a, b = xs[..., 0::2], xs[..., 1::2]
-        o = out[:, :, sl]
-        o[..., 0::2] = a * c - b * s
-        o[..., 1::2] = a * s + b * c
-    return out
+    ang = np.concatenate([pos_w[:, None] * inv, pos_h[:, None] * inv], axis=1)
+    return np.ascontiguousarray(np.cos(ang), dtype=_F), np.ascontiguousarray(np.sin(ang), dtype=_F)
+
+
+def rope_2d(x: np.ndarray, tables: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """In place on x (n, n_head, d), heads contiguous, tokens possibly strided (q or k inside the fused
+    qkv output): adjacent pairs (x[2i], x[2i+1]) rotated by rope_tables' angles (gr_vision_rope_pairs)."""
+    n, nh, d = x.shape
+    cos, sin = tables
+    if x.dtype != _F or x.strides[1:] != (4 * d, 4) or x.strides[0] % 4 or cos.shape != (n, d // 2):
+        raise ValueError(f"rope_2d: expected float32 ({n}, {nh}, {d}) with contiguous heads and ({n}, {d // 2}) tables")
+    # a raw address (x outlives the call); from_buffer would refuse a strided view
+    native._check(_lib.gr_vision_rope_pairs(_ffi.cast("float *", x.__array_interface__["data"][0]), x.strides[0] // 4,
+                                            n, nh, d, _ffi.from_buffer("float[]", cos),
+                                            _ffi.from_buffer("float[]", sin)), "vision rope")
+    return x
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
@@ -234,12 +240,12 @@ class Block:
         self.up = Dense(f, pre + "ffn_up.weight", p.n_ff, E, pre + "ffn_up.bias")
         self.down = Dense(f, pre + "ffn_down.weight", E, p.n_ff, pre + "ffn_down.bias")
 
-    def __call__(self, x: np.ndarray, pos_w: np.ndarray, pos_h: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         p = self.p
         n, dh = x.shape[0], p.n_embd // p.n_head
         qkv = self.qkv(layer_norm(x, self.ln1_w, self.ln1_b, p.eps)).reshape(n, 3, p.n_head, dh)
-        q = rope_2d(qkv[:, 0], pos_w, pos_h, ROPE_THETA)
-        k = rope_2d(qkv[:, 1], pos_w, pos_h, ROPE_THETA)
+        # q and k rotated in place in the qkv output, which the attention then reads without copies
+        q, k = rope_2d(qkv[:, 0], rope), rope_2d(qkv[:, 1], rope)
         a = self.out(attention(q, k, qkv[:, 2], 1.0 / math.sqrt(dh)))
         if self.ls1 is not None:
             a *= self.ls1
@@ -331,9 +337,9 @@ class Encoder:
         if self.pre_w is not None:
             x = layer_norm(x, self.pre_w, self.pre_b, p.eps)
         idx = np.arange(gh * gw, dtype=np.int64)
-        pos_h, pos_w = idx // gw, idx % gw
+        rope = rope_tables(idx % gw, idx // gw, p.n_embd // p.n_head, ROPE_THETA)
         for blk in self.blocks:
-            x = blk(x, pos_w, pos_h)
+            x = blk(x, rope)
         if self.post_w is not None:
             x = layer_norm(x, self.post_w, self.post_b, p.eps)
         cols, oh, ow = im2col_3x3_s2(x.reshape(gh, gw, -1))
