@@ -244,5 +244,15 @@ int gr_moe_decode(int gate_qtype, const void *const *gate_w, int up_qtype, const
                   int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,
                   int64_t n_used, const int32_t *ids, const float *weights, float clamp, float *y);
 int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok);
+/* gr_moe_ffn's few-token path (dispatch.c), where gr_moe_few_ok: the n_sel distinct experts sel[]
+ * (ascending) with their pairs order[start[e] .. start[e + 1]) (pair index = token * n_used + slot,
+ * ascending within an expert; start[n_sel] = n_tok * n_used); gate/up of all in one pool pass, down of
+ * all in a second, each on the kernels gr_matmul picks for its group, so the same bits. */
+#define GR_MOE_FEW_TOKENS 8
+int gr_moe_few_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok, int64_t n_embd, int64_t n_ff);
+int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
+               int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,
+               int64_t n_tok, int64_t n_used, int64_t n_sel, const int32_t *sel, const int64_t *start,
+               const int64_t *order, const float *weights, float clamp, float *y);
 
 #endif

@@ -935,3 +935,199 @@ int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok
     pthread_mutex_unlock(&api_mutex);
     return ok;
 }
+
+/* ---------------------------------------------------------------- few-token MoE (MTP verify, draft heads)
+ *
+ * gr_moe_ffn for a handful of tokens (moe.c sorted the (token, slot) pairs by expert and checked the
+ * arguments): a gr_matmul per expert and weight would wake the pool and quantize activations three
+ * times per distinct expert (a 4-token verify on 16 experts top-2: ~20 passes per layer). Here every
+ * pair's x row is quantized in one go, the gate and up rows of every distinct expert run in one pool
+ * pass (each expert's bytes read once, for all the tokens that chose it), then the clamped SwiGLU, one
+ * quantization of its rows, and every down in a second pass. Each product takes the kernels gr_matmul
+ * would pick for its expert's group (register tiles from GEMM_MIN_ACTS activation rows, decode
+ * kernels below), on the same activation bytes, and tile lanes and gemv rows do not depend on what
+ * else is in the pass, so the result is the per-expert path's, bit for bit. */
+
+/* One expert's product: rows x cols at w times activation rows [a0 * terms, (a0 + n) * terms) of ap;
+ * output token t at y + t * rows. Chunks of chunk_rows rows (a multiple of tile_rows when tiled). */
+typedef struct {
+    gemv_job j;
+    int64_t a0, n;
+    int tiled;
+} few_job;
+
+typedef struct {
+    const few_job *jobs;
+    int64_t n_chunks;
+    uint8_t *panels;       /* per thread: one packed panel of the widest tiled job */
+    size_t panel_stride;
+    atomic_llong next_chunk;
+} few_batch;
+
+static void run_few(void *p, int ith, int nth) {
+    few_batch *b = p;
+    (void)nth;
+    float c[64];
+    int j = 0;
+    for (;;) {
+        const int64_t ch = atomic_fetch_add(&b->next_chunk, 1);
+        if (ch >= b->n_chunks) return;
+        while (ch >= b->jobs[j].j.chunk1) j++;  /* claims only grow, so j only moves forward */
+        const few_job *fj = &b->jobs[j];
+        const gemv_job *g = &fj->j;
+        const int64_t r0 = (ch - g->chunk0) * g->chunk_rows;
+        const int64_t r1 = r0 + g->chunk_rows < g->rows ? r0 + g->chunk_rows : g->rows;
+        if (fj->tiled) {  /* as run_gemm for one unit of all the job's activation rows, cols <= GEMM_K_CHUNK */
+            void *panel = b->panels + (size_t)ith * b->panel_stride;
+            const int R = g->ops->tile_rows, T = g->ops->tile_acts;
+            const int64_t A0 = fj->a0 * g->terms, A1 = (fj->a0 + fj->n) * g->terms;
+            for (int64_t r = r0; r < r1; r += R) {
+                int nr = r1 - r < R ? (int)(r1 - r) : R;
+                g->ops->pack(g->w + r * g->row_stride, g->row_stride, nr, g->cols, panel);
+                for (int64_t a = A0; a < A1; a += T) {
+                    int na = A1 - a < T ? (int)(A1 - a) : T;
+                    g->ops->tile(nr, na, g->cols, panel, g->ap, a, c);
+                    for (int i = 0; i < nr; i++) {
+                        if (g->terms == 1) {
+                            for (int jj = 0; jj < na; jj++) g->y[(a - A0 + jj) * g->rows + r + i] = c[i * na + jj];
+                        } else {  /* A0 and T are even: both terms of a token are in this tile */
+                            for (int jj = 0; jj < na; jj += 2)
+                                g->y[(a - A0 + jj) / 2 * g->rows + r + i] = c[i * na + jj] + c[i * na + jj + 1];
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        if (g->ops->gemv) {  /* as run_gemv */
+            const int R = g->ops->gemv_rows;
+            for (int64_t r = r0; r < r1; r += R) {
+                int nr = r1 - r < R ? (int)(r1 - r) : R;
+                for (int64_t t = 0; t < fj->n; t++) {
+                    g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap,
+                                 (fj->a0 + t) * g->terms, c);
+                    for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
+                }
+            }
+            continue;
+        }
+        for (int64_t r = r0; r < r1; r++) {  /* as run_matmul's dot_terms */
+            const uint8_t *wr = g->w + r * g->row_stride;
+            for (int64_t t = 0; t < fj->n; t++) {
+                const uint8_t *a = g->ap->act + (fj->a0 + t) * g->terms * g->ap->act_row_bytes;
+                float v;
+                if (g->terms == 1) v = g->dot(g->cols, wr, a);
+                else if (g->dot2) v = g->dot2(g->cols, wr, a, a + g->ap->act_row_bytes);
+                else v = g->dot(g->cols, wr, a) + g->dot(g->cols, wr, a + g->ap->act_row_bytes);
+                g->y[t * g->rows + r] = v;
+            }
+        }
+    }
+}
+
+/* Job for n activation rows from a0 of ap; returns its chunk count (numbered from chunk0). */
+static int64_t few_job_init(const gr_kernels *k, few_job *f, int qtype, const void *w, int64_t rows, int64_t cols,
+                            const gr_act_panel *ap, int terms, int64_t a0, int64_t n, float *y, int parallel,
+                            int64_t chunk0) {
+    gemv_job_init(k, &f->j, qtype, w, rows, cols, ap, terms, y, parallel, chunk0);
+    f->a0 = a0; f->n = n;
+    f->tiled = k->gemm[qtype].tile && n * terms >= GEMM_MIN_ACTS;  /* matmul_locked's choice for n tokens */
+    if (f->tiled) {
+        const int64_t R = k->gemm[qtype].tile_rows;
+        int64_t chunk = rows / ((int64_t)parallel * 8);
+        chunk = (chunk + R - 1) / R * R;
+        f->j.chunk_rows = chunk < R ? R : chunk;
+        f->j.chunk1 = chunk0 + (rows + f->j.chunk_rows - 1) / f->j.chunk_rows;
+    }
+    return f->j.chunk1 - chunk0;
+}
+
+static size_t few_panel_bytes(const gr_kernels *k, int qtype, int64_t cols) {
+    return k->gemm[qtype].tile ? align64(k->gemm[qtype].panel_bytes(cols)) : 0;
+}
+
+static void few_run(const few_job *jobs, int64_t n_chunks, uint8_t *panels, size_t panel_stride, int parallel) {
+    few_batch b = {jobs, n_chunks, panels, panel_stride, 0};
+    atomic_init(&b.next_chunk, 0);
+    gr_pool_run_dynamic(run_few, &b, parallel);
+}
+
+int gr_moe_few_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok, int64_t n_embd, int64_t n_ff) {
+    /* tiled jobs run without column chunks, as matmul_locked does up to GEMM_K_CHUNK columns */
+    return n_tok >= 1 && n_tok <= GR_MOE_FEW_TOKENS && n_embd <= GEMM_K_CHUNK && n_ff <= GEMM_K_CHUNK &&
+           gr_moe_decode_ok(gate_qtype, up_qtype, down_qtype, 1);
+}
+
+int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
+               int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,
+               int64_t n_tok, int64_t n_used, int64_t n_sel, const int32_t *sel, const int64_t *start,
+               const int64_t *order, const float *weights, float clamp, float *y) {
+    ensure_init();
+    const int64_t n_pairs = start[n_sel];
+    few_job *jobs = malloc(sizeof(few_job) * (size_t)(2 * n_sel));
+    if (!jobs) return GR_E_NOMEM;
+    pthread_mutex_lock(&api_mutex);
+    const gr_kernels *k = &tables[isa_current];
+    const int nth = gr_pool_threads();
+    int rc = GR_OK;
+    float *f = fscratch_reserve((size_t)n_pairs * (size_t)(2 * n_ff + 2 * n_embd));
+    if (!f) { rc = GR_E_NOMEM; goto done; }
+    /* pair r (in expert order) has its x at row r of xs, gate/up outputs at row r of g/u, down at d */
+    float *xs = f, *g = xs + n_pairs * n_embd, *u = g + n_pairs * n_ff, *d = u + n_pairs * n_ff;
+    for (int64_t r = 0; r < n_pairs; r++)
+        memcpy(xs + r * n_embd, x + order[r] / n_used * n_embd, sizeof(float) * (size_t)n_embd);
+    const int parallel = (double)n_pairs * (double)n_ff * (double)n_embd >= 65536.0 ? nth : 1;
+
+    const int at_g = gr_act_type(gate_qtype), at_u = gr_act_type(up_qtype), at_d = gr_act_type(down_qtype);
+    act_set sets[2];
+    int n_sets = 0;
+    sets[n_sets++] = (act_set){at_g, at_g == GR_T_F32 ? 1 : act_precision, xs, n_embd, {0}};
+    if (at_u != at_g) sets[n_sets++] = (act_set){at_u, at_u == GR_T_F32 ? 1 : act_precision, xs, n_embd, {0}};
+    act_set down_set = {at_d, at_d == GR_T_F32 ? 1 : act_precision, g, n_ff, {0}};
+    size_t bytes = 0, bytes_down = act_set_bytes(&down_set, n_pairs);
+    for (int s = 0; s < n_sets; s++) bytes += act_set_bytes(&sets[s], n_pairs);
+    if (bytes_down > bytes) bytes = bytes_down;  /* the phases reuse the scratch in turn */
+    size_t panel_stride = few_panel_bytes(k, gate_qtype, n_embd), pb;
+    if ((pb = few_panel_bytes(k, up_qtype, n_embd)) > panel_stride) panel_stride = pb;
+    if ((pb = few_panel_bytes(k, down_qtype, n_ff)) > panel_stride) panel_stride = pb;
+    uint8_t *buf = scratch_reserve(64 + bytes + (size_t)nth * panel_stride);
+    if (!buf) { rc = GR_E_NOMEM; goto done; }
+    uint8_t *panels = buf + bytes;
+
+    /* gate and up of every distinct expert over its pairs' rows */
+    acts_prepare(k, sets, n_sets, n_pairs, buf, parallel);
+    const act_set *su = &sets[n_sets - 1];
+    int64_t c0 = 0;
+    for (int64_t e = 0; e < n_sel; e++) {
+        const int64_t s0 = start[e], n = start[e + 1] - start[e];
+        c0 += few_job_init(k, &jobs[2 * e], gate_qtype, gate_w[sel[e]], n_ff, n_embd, &sets[0].ap, sets[0].terms,
+                           s0, n, g + s0 * n_ff, parallel, c0);
+        c0 += few_job_init(k, &jobs[2 * e + 1], up_qtype, up_w[sel[e]], n_ff, n_embd, &su->ap, su->terms,
+                           s0, n, u + s0 * n_ff, parallel, c0);
+    }
+    few_run(jobs, c0, panels, panel_stride, parallel);
+    gr_glu(g, u, g, n_pairs * n_ff, GR_ACT_SILU, clamp);
+
+    /* down of every expert over its pairs' rows */
+    acts_prepare(k, &down_set, 1, n_pairs, buf, parallel);
+    c0 = 0;
+    for (int64_t e = 0; e < n_sel; e++) {
+        const int64_t s0 = start[e], n = start[e + 1] - start[e];
+        c0 += few_job_init(k, &jobs[e], down_qtype, down_w[sel[e]], n_embd, n_ff, &down_set.ap, down_set.terms,
+                           s0, n, d + s0 * n_embd, parallel, c0);
+    }
+    few_run(jobs, c0, panels, panel_stride, parallel);
+
+    /* weighted sum in expert-id order, pairs in index order within an expert: gr_moe_ffn's order */
+    memset(y, 0, sizeof(float) * (size_t)(n_tok * n_embd));
+    for (int64_t r = 0; r < n_pairs; r++) {
+        const float wt = weights[order[r]];
+        float *yt = y + order[r] / n_used * n_embd;
+        const float *dr = d + r * n_embd;
+        for (int64_t c = 0; c < n_embd; c++) yt[c] += wt * dr[c];
+    }
+done:
+    pthread_mutex_unlock(&api_mutex);
+    free(jobs);
+    return rc;
+}

@@ -9,6 +9,10 @@
  * gate and up rows in one pass of the pool, then every down in a second: two pool wake-ups instead of
  * three per expert, the same kernels and summation order, so the same bits.
  *
+ * A few tokens (n_tok <= GR_MOE_FEW_TOKENS: an MTP verify, the draft heads' rows) take gr_moe_few
+ * (dispatch.c): the same grouping and kernels, but every expert's gate and up in one pool pass and
+ * every down in a second, so the same bits with two pool wake-ups instead of three per expert.
+ *
  * Experts are addressed by pointer, one per expert per weight: the caller decides where an expert's
  * bytes live (a slice of the mapped 3-D tensor today, a resident copy for hot experts later). Only
  * the selected experts' bytes are read.
@@ -52,6 +56,24 @@ int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
         memcpy(fill, start, sizeof(int64_t) * (size_t)n_expert);
         for (int64_t i = 0; i < n_pairs; i++) order[fill[ids[i]]++] = i;
         free(fill);
+    }
+    /* A few tokens (an MTP verify, a draft head's rows): every expert in two pool passes (dispatch.c),
+     * the products and sums below, bit for bit; larger batches keep one gr_matmul per product, whose
+     * pool passes and activation quantizations are then a small part of the work. */
+    if (gr_moe_few_ok(gate_qtype, up_qtype, down_qtype, n_tok, n_embd, n_ff)) {
+        int32_t *sel = malloc(sizeof(int32_t) * (size_t)n_expert);
+        int64_t *sel_start = malloc(sizeof(int64_t) * (size_t)(n_expert + 1));
+        int rc = GR_E_NOMEM;
+        if (sel && sel_start) {
+            int64_t n_sel = 0;
+            for (int64_t e = 0; e < n_expert; e++)
+                if (start[e + 1] > start[e]) { sel[n_sel] = (int32_t)e; sel_start[n_sel++] = start[e]; }
+            sel_start[n_sel] = n_pairs;
+            rc = gr_moe_few(gate_qtype, gate_w, up_qtype, up_w, down_qtype, down_w, n_embd, n_ff, x, n_tok, n_used,
+                            n_sel, sel, sel_start, order, weights, limit > 1e-6f ? limit : 0.0f, y);
+        }
+        free(sel); free(sel_start); free(start); free(order);
+        return rc;
     }
 
     /* Scratch for the largest expert group: gathered inputs, gate, up, down outputs. */

@@ -932,12 +932,14 @@ def test_moe_one_token_path_equals_grouped_sum(precision):
 
 
 @pytest.mark.parametrize("precision", [1, 2])
-def test_moe_few_tokens_equal_their_one_token_results(precision):
-    """gr_moe_ffn on 2..8 tokens (gr_moe_few: all experts in two pool passes) gives every token the bits
-    it gets alone (gr_moe_decode), whatever the batch around it: repeated experts across tokens, an
-    expert twice in one token, gate and up in different activation formats, a type without decode
-    kernels (F16), the clamp; an MTP verify's MoE then equals the plain decode's."""
-    from ggufrun import moe
+def test_moe_few_tokens_equal_the_per_expert_products(precision):
+    """gr_moe_ffn on 2..8 tokens (gr_moe_few: every expert's gate and up in one pool pass, every down
+    in a second) = one gr_matmul per expert and weight over the tokens that chose it, SwiGLU, and the
+    weighted sum in expert-id order, bit for bit: groups on the tiled kernels and on the decode ones,
+    repeated experts across tokens, an expert twice in one token, gate and up in different activation
+    formats, a type without decode kernels (F16), the clamp; 9 tokens (the per-expert path itself)
+    checks the reference."""
+    from ggufrun import moe, ops
     native.set_act_precision(precision)
     rng = np.random.default_rng(21 + precision)
     n_expert, n_embd, n_ff = 7, 256, 512
@@ -945,17 +947,24 @@ def test_moe_few_tokens_equal_their_one_token_results(precision):
         experts = [(_qtensor(gq, n_ff, n_embd, rng), _qtensor(uq, n_ff, n_embd, rng),
                     _qtensor(dq, n_embd, n_ff, rng)) for _ in range(n_expert)]
         ptrs = [native._ffi.new("void *[]", [_ffi_buf(t[k]) for t in experts]) for k in range(3)]
-        for n_tok, n_used, limit in ((2, 2, 0.0), (3, 3, 0.02), (4, 2, 0.0), (8, 2, 0.0), (5, 1, 0.0)):
+        for n_tok, n_used, limit in ((2, 2, 0.0), (3, 3, 0.02), (4, 2, 0.0), (8, 2, 0.0), (5, 1, 0.0), (9, 2, 0.0)):
             x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
             ids = rng.integers(0, n_expert, (n_tok, n_used)).astype(np.int32)
             ids[0, -1] = ids[0, 0]                 # one token picks an expert twice
-            ids[-1, 0] = ids[0, 0]                 # and another token shares it
+            ids[-1, 0] = ids[1, 0] = ids[0, 0]     # and two more share it: a group of 4 pairs
             wts = rng.uniform(0.1, 1.0, (n_tok, n_used)).astype(np.float32)
             got = moe._ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x, ids, wts, limit)
-            for t in range(n_tok):
-                alone = moe._ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x[t:t + 1], ids[t:t + 1],
-                                      wts[t:t + 1], limit)
-                assert_same_floats(got[t], alone[0])
+            want = np.zeros((n_tok, n_embd), dtype=np.float32)
+            for e in sorted(set(ids.ravel().tolist())):
+                pairs = np.flatnonzero(ids.ravel() == e)
+                xe = x[pairs // n_used]
+                g, u, d = experts[e]
+                h = ops.glu(native.matmul(g.data, gq, n_ff, n_embd, xe), native.matmul(u.data, uq, n_ff, n_embd, xe),
+                            ops.ACT_SILU, limit)
+                de = native.matmul(d.data, dq, n_embd, n_ff, h)
+                for r, pr in enumerate(pairs):
+                    want[pr // n_used] += wts.ravel()[pr] * de[r]
+            assert_same_floats(got, want)
 
 
 def _ffi_buf(t):
