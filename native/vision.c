@@ -378,21 +378,23 @@ int gr_vision_gelu_quick_f16(const float *x, float *y, int64_t n) {
 
 /* y = x W^T + b for thousands of patch rows at once, W float16 or float32. gr_matmul's F16 path is a
  * dot product per (token, row), built for the few tokens of decode: on an encoder's 2704 x 384 by 2240
- * product it reaches ~54 GFLOP/s on two Zen 3 cores. Here each work item widens a panel of 16 weight
- * rows to float32 once (it stays in L1/L2) and runs the attention's 6 x 16 FMA kernel over a chunk of
- * rows of x. Numerics are gr_matmul's at act precision 1 (which the encoder always runs at): for F16
+ * product it reaches ~55 GFLOP/s on two Zen 3 cores. Here W is first widened to float32 panels of 16
+ * rows (wp[panel][col][16], one parallel pass), x rounded into a padded copy; then each work item runs
+ * the attention's 6 x 16 FMA kernel for one panel over one chunk of x's rows. Items go chunk-major and
+ * a chunk is sized to ~256 KB, so it stays in L2 while the panels stream past it: panel-major order
+ * re-read all of x from memory per panel, which for the 24 MB input of an overview's ffn_down halved
+ * the speed. Numerics are gr_matmul's at act precision 1 (which the encoder always runs at): for F16
  * weights x is rounded to float16 (ggml's vec_dot_type for F16), the products are exact in float32 and
  * summed in float32, in another order (a few float32 ulps apart); the bias is added after the sum. */
 #define QT_F32 0
 #define QT_F16 1
-#define MM_TB 96   /* x rows per work item: 16 register blocks */
 
 typedef struct {
     const void *w;
     int qtype;
-    int64_t rows, cols, row_stride, n, n6, n_panels, n_chunks;
+    int64_t rows, cols, row_stride, n, n6, n_panels, tb, n_chunks;
     const float *x, *bias;
-    float *xr, *y, *wp;        /* xr: x rounded, n6 rows (zero padded); wp: per thread, a cols x 16 panel */
+    float *xr, *y, *wp;        /* xr: x rounded, n6 rows (zero padded); wp: all panels, zero padded */
     int simd;
     atomic_llong next;
 } vmm_task;
@@ -413,65 +415,62 @@ static void widen_f16_avx2(const uint16_t *src, float *dst, int64_t n) {
 }
 #endif
 
-static void vmm_round(void *arg, int ith, int nth) {
+/* items 0..n_panels-1 widen a panel; items n_panels.. round a row of x */
+static void vmm_prepare(void *arg, int ith, int nth) {
     vmm_task *a = arg;
     (void)ith; (void)nth;
-    for (int64_t t; (t = atomic_fetch_add(&a->next, 1)) < a->n6;) {
-        float *dst = a->xr + t * a->cols;
-        if (t >= a->n) { memset(dst, 0, sizeof(float) * (size_t)a->cols); continue; }
-        const float *src = a->x + t * a->cols;
-        if (a->qtype == QT_F32) { memcpy(dst, src, sizeof(float) * (size_t)a->cols); continue; }
-        int64_t c = 0;
-#ifdef GR_X86
-        if (a->simd) c = round_f16_avx2(src, dst, a->cols);
-#endif
-        for (; c < a->cols; c++) dst[c] = f16_to_f32(f32_to_f16(src[c]));
-    }
-}
-
-static void vmm_run(void *arg, int ith, int nth) {
-    vmm_task *a = arg;
-    (void)nth;
     const int64_t cols = a->cols;
-    float *wp = a->wp + (size_t)ith * (size_t)(cols * NR), *row = wp;
-    float tmp[MR * NR];
-    int64_t have = -1;   /* the panel now in wp: items run panel-major, so a thread mostly keeps it */
-    for (int64_t item; (item = atomic_fetch_add(&a->next, 1)) < a->n_panels * a->n_chunks;) {
-        const int64_t p = item / a->n_chunks, r0 = p * NR, nr = a->rows - r0 < NR ? a->rows - r0 : NR;
-        if (p != have) {
-            /* W rows r0..r0+15 as wp[c][16] (rows past the last zero) */
-            for (int64_t r = 0; r < NR; r++) {
-                if (r >= nr) { for (int64_t c = 0; c < cols; c++) wp[c * NR + r] = 0.0f; continue; }
+    float buf[256];
+    for (int64_t item; (item = atomic_fetch_add(&a->next, 1)) < a->n_panels + a->n6;) {
+        if (item < a->n_panels) {
+            float *wp = a->wp + item * cols * NR;   /* W rows 16 item.. as wp[c][16]; calloc'd padding */
+            for (int64_t r = 0, r0 = item * NR; r < NR && r0 + r < a->rows; r++) {
                 const char *src = (const char *)a->w + (r0 + r) * a->row_stride;
-                float *buf = tmp;   /* widened row, 16 floats at a time, then scattered into the panel */
-                for (int64_t c0 = 0; c0 < cols; c0 += MR * NR) {
-                    const int64_t m = cols - c0 < MR * NR ? cols - c0 : MR * NR;
+                for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+                    const int64_t m = cols - c0 < 256 ? cols - c0 : 256;
                     if (a->qtype == QT_F32) memcpy(buf, (const float *)src + c0, sizeof(float) * (size_t)m);
 #ifdef GR_X86
                     else if (a->simd) widen_f16_avx2((const uint16_t *)src + c0, buf, m);
 #endif
                     else for (int64_t c = 0; c < m; c++) buf[c] = f16_to_f32(((const uint16_t *)src)[c0 + c]);
-                    for (int64_t c = 0; c < m; c++) row[(c0 + c) * NR + r] = buf[c];
+                    for (int64_t c = 0; c < m; c++) wp[(c0 + c) * NR + r] = buf[c];
                 }
             }
-            have = p;
+            continue;
         }
-        const int64_t t0 = item % a->n_chunks * MM_TB, t1 = t0 + MM_TB < a->n6 ? t0 + MM_TB : a->n6;
+        const int64_t t = item - a->n_panels;
+        float *dst = a->xr + t * cols;
+        if (t >= a->n) { memset(dst, 0, sizeof(float) * (size_t)cols); continue; }
+        const float *src = a->x + t * cols;
+        if (a->qtype == QT_F32) { memcpy(dst, src, sizeof(float) * (size_t)cols); continue; }
+        int64_t c = 0;
+#ifdef GR_X86
+        if (a->simd) c = round_f16_avx2(src, dst, cols);
+#endif
+        for (; c < cols; c++) dst[c] = f16_to_f32(f32_to_f16(src[c]));
+    }
+}
+
+static void vmm_run(void *arg, int ith, int nth) {
+    vmm_task *a = arg;
+    (void)ith; (void)nth;
+    const int64_t cols = a->cols;
+    float tmp[MR * NR];
+    for (int64_t item; (item = atomic_fetch_add(&a->next, 1)) < a->n_panels * a->n_chunks;) {
+        const int64_t p = item % a->n_panels, r0 = p * NR, nr = a->rows - r0 < NR ? a->rows - r0 : NR;
+        const float *wp = a->wp + p * cols * NR;
+        const int64_t t0 = item / a->n_panels * a->tb, t1 = t0 + a->tb < a->n6 ? t0 + a->tb : a->n6;
         for (int64_t t = t0; t < t1; t += MR) {
-            const int full = t + MR <= a->n && nr == NR;
-            float *dst = full ? a->y + t * a->rows + r0 : tmp;
-            const int64_t ld = full ? a->rows : NR;
 #ifdef GR_X86
             if (a->simd) qk_block_avx2(a->xr + t * cols, cols, wp, NR, 1.0f, tmp);
             else
 #endif
-            qk_block_scalar(a->xr + t * cols, cols, wp, NR, 1.0f, tmp);
-            /* multiplying by 1.0f is exact; the kernel's scaled store is reused as is */
-            for (int64_t i = 0; i < MR && t + i < a->n; i++)
-                for (int64_t r = 0; r < nr; r++)
-                    dst[i * ld + r] = a->bias ? tmp[i * NR + r] + a->bias[r0 + r] : tmp[i * NR + r];
-            if (!full) for (int64_t i = 0; i < MR && t + i < a->n; i++)
-                memcpy(a->y + (t + i) * a->rows + r0, tmp + i * NR, sizeof(float) * (size_t)nr);
+            qk_block_scalar(a->xr + t * cols, cols, wp, NR, 1.0f, tmp);   /* the scale 1.0f is exact */
+            for (int64_t i = 0; i < MR && t + i < a->n; i++) {
+                float *dst = a->y + (t + i) * a->rows + r0;
+                if (a->bias) for (int64_t r = 0; r < nr; r++) dst[r] = tmp[i * NR + r] + a->bias[r0 + r];
+                else memcpy(dst, tmp + i * NR, sizeof(float) * (size_t)nr);
+            }
         }
     }
 }
@@ -481,11 +480,14 @@ int gr_vision_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64
     if (qtype != QT_F32 && qtype != QT_F16) return GR_E_QTYPE;
     if (rows <= 0 || cols <= 0 || n <= 0) return GR_E_SHAPE;
     if (row_stride < cols * (qtype == QT_F32 ? 4 : 2)) return GR_E_ARG;
-    const int64_t n6 = round_up(n, MR);
+    const int64_t n6 = round_up(n, MR), n_panels = round_up(rows, NR) / NR;
+    /* rows of x per item: ~256 KB of them (half of a Zen 3 L2), 4 to 32 register blocks */
+    int64_t tb = 65536 / cols / MR * MR;
+    tb = tb < 4 * MR ? 4 * MR : tb > 32 * MR ? 32 * MR : tb;
     pthread_mutex_lock(&vision_mutex);
     const int nth = gr_pool_threads();
     float *xr = malloc(sizeof(float) * (size_t)(n6 * cols));
-    float *wp = malloc(sizeof(float) * (size_t)nth * (size_t)(cols * NR));
+    float *wp = calloc((size_t)(n_panels * NR * cols), sizeof(float));
     if (!xr || !wp) {
         free(xr); free(wp);
         pthread_mutex_unlock(&vision_mutex);
@@ -496,11 +498,11 @@ int gr_vision_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64
     __builtin_cpu_init();
     simd = simd_ok() && __builtin_cpu_supports("f16c");
 #endif
-    vmm_task a = {w, qtype, rows, cols, row_stride, n, n6, round_up(rows, NR) / NR, (n6 + MM_TB - 1) / MM_TB,
+    vmm_task a = {w, qtype, rows, cols, row_stride, n, n6, n_panels, tb, (n6 + tb - 1) / tb,
                   x, bias, xr, y, wp, simd, 0};
     const int use = (double)n * (double)rows * (double)cols >= 2e5 ? nth : 1;
     atomic_init(&a.next, 0);
-    gr_pool_run_dynamic(vmm_round, &a, use);
+    gr_pool_run_dynamic(vmm_prepare, &a, use);
     atomic_store(&a.next, 0);
     gr_pool_run_dynamic(vmm_run, &a, use);
     free(xr);
