@@ -84,6 +84,7 @@ class LLM:
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx, self.n_batch)
         self._drafter: MTPDrafter | None = None
+        self._draft_ctl: DraftController | None = None   # shared by generations (see DraftController)
         self._image_rows: dict[int, np.ndarray] = {}   # placeholder id (< 0) -> embedding row
         self._image_embd: dict[int, object] = {}       # image key -> ImageEmbeddings (a few, LRU)
 
@@ -357,7 +358,11 @@ class LLM:
         if max_tokens <= 0:
             return
         d = self._mtp_drafter()
-        ctl = DraftController(k_max, self.mtp_adaptive)
+        ctl = self._draft_ctl
+        if ctl is None or ctl.k_max != self.mtp_heads:
+            ctl = self._draft_ctl = DraftController(self.mtp_heads)
+        ctl.adaptive = self.mtp_adaptive
+        ctl.start(k_max)
         greedy = sampler.cfg.temperature <= 0
         n_vocab = self.model.n_vocab
 

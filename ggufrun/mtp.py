@@ -108,16 +108,25 @@ class MTPStats:
 class DraftController:
     """Picks k per step to maximise expected tokens per second.
 
-    Acceptance per position is the running ratio accepted/offered (with a weak prior), and the cost of
-    a step with k drafts is an exponential average of measured step times. A k without a measurement is
-    tried once; afterwards the best k wins, and the other draft lengths are re-measured on a
-    back-off schedule (every 16 steps, doubling up to every 512 while the choice holds), so a
-    switched-off MTP costs under a percent and a switched-on one notices when acceptance drops."""
+    Acceptance per position is a decayed ratio accepted/offered (each offer weighs DECAY times the
+    next one, so the estimate follows the text: a doctest drafts worse than prose), with a weak prior,
+    and the cost of a step with k drafts is an exponential average of measured step times. A k without
+    a measurement is tried once; afterwards the best k wins, and the other draft lengths are re-measured
+    on a back-off schedule (every 16 steps, doubling up to every 512 while the choice holds), so a
+    switched-off MTP costs under a percent and a switched-on one notices when acceptance drops.
+
+    One controller serves every generation of an LLM (api.LLM keeps it, k_max = the file's heads):
+    step costs are the model's and the machine's, not the prompt's, and 128 tokens are too few to learn
+    them and the acceptance from scratch each time (the cold start alone made a badly drafted prompt
+    0.85x). Generations with a fixed k (adaptive False) measure too. A new generation sets its cap on k
+    and restarts the back-off, so new text is re-explored soon (start())."""
 
     PRIOR = (1.0, 2.0)   # a Beta(1, 1)-ish prior: alpha starts at 0.5
+    DECAY = 0.95         # an offer's weight after the next: ~20 offers of memory per position
 
     def __init__(self, k_max: int, adaptive: bool = True):
         self.k_max = k_max
+        self.cap = k_max      # this generation's longest draft (start())
         self.adaptive = adaptive
         self.acc = [0.0] * k_max
         self.off = [0.0] * k_max
@@ -128,34 +137,40 @@ class DraftController:
         self.next_explore = 16
         self.best = k_max
 
+    def start(self, cap: int | None = None) -> None:
+        """A new generation drafting at most `cap` tokens (None: k_max): what was learned stays, the
+        other draft lengths are re-measured soon."""
+        self.cap = self.k_max if cap is None else max(0, min(cap, self.k_max))
+        self.interval = 16
+        self.next_explore = self.step + 16
+
     def alpha(self) -> list[float]:
         a0, n0 = self.PRIOR
         return [(a + a0) / (o + n0) for a, o in zip(self.acc, self.off)]
 
     def choose(self) -> int:
         self.step += 1
-        if not self.adaptive or self.k_max == 0:
-            return self.k_max
-        for k in range(self.k_max, -1, -1):
+        if not self.adaptive or self.cap == 0:
+            return self.cap
+        for k in range(self.cap, -1, -1):
             if self.cost[k] is None:
                 return k
         alpha = self.alpha()
-        best = max(range(self.k_max + 1), key=lambda k: expected_tokens(alpha, k) / self.cost[k])
+        best = max(range(self.cap + 1), key=lambda k: expected_tokens(alpha, k) / self.cost[k])
         if best != self.best:
             self.interval = 16
         self.best = best
         if self.step >= self.next_explore:
             self.next_explore = self.step + self.interval
             self.interval = min(self.interval * 2, 512)
-            stale = min((k for k in range(self.k_max + 1) if k != best), key=lambda k: self.last_seen[k])
+            stale = min((k for k in range(self.cap + 1) if k != best), key=lambda k: self.last_seen[k])
             return stale
         return best
 
     def update(self, k: int, n_accepted: int, seconds: float) -> None:
         for i in range(min(k, n_accepted + 1)):
-            self.off[i] += 1
-            if i < n_accepted:
-                self.acc[i] += 1
+            self.off[i] = self.off[i] * self.DECAY + 1
+            self.acc[i] = self.acc[i] * self.DECAY + (i < n_accepted)
         c = self.cost[k]
         self.cost[k] = seconds if c is None else 0.7 * c + 0.3 * seconds
         self.last_seen[k] = self.step

@@ -146,6 +146,33 @@ def test_controller_switches_drafting_off_when_it_does_not_pay():
     assert used[1] > 0.8 * 600, used
 
 
+def test_controller_follows_acceptance_that_changes_and_restarts_exploring_per_generation():
+    """Acceptance is a decayed estimate: after 300 steps of useless drafts (off), text that drafts well
+    turns drafting back on within a couple of exploration intervals, and the other way round."""
+    rng = np.random.default_rng(5)
+    c = DraftController(3)
+    cost = lambda k: 1.0 + 0.1 * k   # noqa: E731
+
+    def run(alpha, steps):
+        used = []
+        for _ in range(steps):
+            k = c.choose()
+            n_acc = 0
+            while n_acc < k and rng.random() < alpha:
+                n_acc += 1
+            c.update(k, n_acc, cost(k))
+            used.append(k)
+        return used
+    assert Counter(run(0.02, 300)[-100:])[0] > 90
+    c.start()   # a new generation: exploration restarts at the short interval
+    used = run(0.9, 200)
+    assert Counter(used[-100:])[3] > 90, Counter(used)
+    assert Counter(run(0.02, 300)[-100:])[0] > 90
+    c.start(1)   # a generation capped at one draft: the estimates stay, k never exceeds the cap
+    used = run(0.9, 100)
+    assert max(used) == 1 and Counter(used[-50:])[1] > 45
+
+
 # -- greedy: identical output, token for token ----------------------------------------------------
 @pytest.mark.parametrize("model", ["gqa", "wide-swa", "echo"])
 def test_greedy_output_identical_with_mtp(llms, model):
@@ -218,8 +245,12 @@ def test_generate_api(llms):
     text = llm.generate(PROMPTS[0], max_tokens=24, temperature=0)   # on by default: the file has heads
     assert llm.last_stats.mtp is not None and llm.last_stats.mtp.k_max == 3
     assert text == text0
+    ctl = llm._draft_ctl
+    steps = ctl.step
     assert llm.generate(PROMPTS[0], max_tokens=24, temperature=0, mtp=2) == text0
     assert llm.last_stats.generated_tokens == 24
+    # one controller for every generation (what it learned carries over), capped per generation
+    assert llm._draft_ctl is ctl and ctl.step > steps and ctl.cap == 2
     with pytest.raises(ValueError):
         llm.generate(PROMPTS[0], max_tokens=4, mtp=-1)
     # stop strings and max_tokens cut in the middle of an accepted run
