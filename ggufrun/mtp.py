@@ -110,7 +110,11 @@ class DraftController:
 
     Acceptance per position is a decayed ratio accepted/offered (each offer weighs DECAY times the
     next one, so the estimate follows the text: a doctest drafts worse than prose), with a weak prior,
-    and the cost of a step with k drafts is an exponential average of measured step times. A k without
+    and the cost of a step with k drafts is the lower quartile of its last COST_SAMPLES measured step
+    times (on a shared machine a step now and then takes several times its cost, when another process
+    holds the core: an average followed those spikes and picked k at random under load, and even a
+    median is thrown off by five slow steps in nine, after which the cheaper k is not re-measured for
+    a while). A k without
     a measurement is tried once; afterwards the best k wins, and the other draft lengths are re-measured
     on a back-off schedule (every 16 steps, doubling up to every 512 while the choice holds), so a
     switched-off MTP costs under a percent and a switched-on one notices when acceptance drops.
@@ -123,6 +127,7 @@ class DraftController:
 
     PRIOR = (1.0, 2.0)   # a Beta(1, 1)-ish prior: alpha starts at 0.5
     DECAY = 0.95         # an offer's weight after the next: ~20 offers of memory per position
+    COST_SAMPLES = 9
 
     def __init__(self, k_max: int, adaptive: bool = True):
         self.k_max = k_max
@@ -131,6 +136,7 @@ class DraftController:
         self.acc = [0.0] * k_max
         self.off = [0.0] * k_max
         self.cost: list[float | None] = [None] * (k_max + 1)
+        self.times: list[list[float]] = [[] for _ in range(k_max + 1)]   # the last step times per k
         self.last_seen = [0] * (k_max + 1)
         self.step = 0
         self.interval = 16
@@ -171,8 +177,10 @@ class DraftController:
         for i in range(min(k, n_accepted + 1)):
             self.off[i] = self.off[i] * self.DECAY + 1
             self.acc[i] = self.acc[i] * self.DECAY + (i < n_accepted)
-        c = self.cost[k]
-        self.cost[k] = seconds if c is None else 0.7 * c + 0.3 * seconds
+        t = self.times[k]
+        t.append(seconds)
+        del t[:-self.COST_SAMPLES]
+        self.cost[k] = sorted(t)[len(t) // 4]
         self.last_seen[k] = self.step
 
 
