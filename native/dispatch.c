@@ -277,11 +277,19 @@ typedef struct {
     atomic_llong next_chunk;
 } matmul_task;
 
+/* One weight row times one activation row of `terms` terms (the second term's row follows the first):
+ * the fused two-term dot where the type has one, else the terms summed in order. Every per-row path
+ * (matmul, batched gemv, few-token MoE) goes through here, so they give the same bits. */
+static inline float dot_act_row(gr_vec_dot_fn dot, gr_vec_dot2_fn dot2, int terms, int64_t cols, const uint8_t *wr,
+                                const uint8_t *a, int64_t act_row_bytes) {
+    if (terms == 1) return dot(cols, wr, a);
+    if (dot2) return dot2(cols, wr, a, a + act_row_bytes);
+    return dot(cols, wr, a) + dot(cols, wr, a + act_row_bytes);
+}
+
 static inline float dot_terms(const matmul_task *m, const uint8_t *wr, int64_t t) {
-    const uint8_t *a = m->act + t * m->terms * m->act_row_bytes;
-    if (m->terms == 1) return m->dot(m->cols, wr, a);
-    if (m->dot2) return m->dot2(m->cols, wr, a, a + m->act_row_bytes);
-    return m->dot(m->cols, wr, a) + m->dot(m->cols, wr, a + m->act_row_bytes);
+    return dot_act_row(m->dot, m->dot2, m->terms, m->cols, wr, m->act + t * m->terms * m->act_row_bytes,
+                       m->act_row_bytes);
 }
 
 /* Threads claim contiguous row chunks; within a chunk each weight row is read from memory once and
@@ -670,17 +678,12 @@ static void run_gemv_batch(void *p, int ith, int nth) {
             }
             continue;
         }
-        /* as run_matmul's dot_terms */
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *wr = g->w + r * g->row_stride;
-            for (int64_t t = 0; t < b->n_tok; t++) {
-                const uint8_t *a = g->ap->act + t * g->terms * g->ap->act_row_bytes;
-                float v;
-                if (g->terms == 1) v = g->dot(g->cols, wr, a);
-                else if (g->dot2) v = g->dot2(g->cols, wr, a, a + g->ap->act_row_bytes);
-                else v = g->dot(g->cols, wr, a) + g->dot(g->cols, wr, a + g->ap->act_row_bytes);
-                g->y[t * g->rows + r] = v;
-            }
+            for (int64_t t = 0; t < b->n_tok; t++)
+                g->y[t * g->rows + r] = dot_act_row(g->dot, g->dot2, g->terms, g->cols, wr,
+                                                    g->ap->act + t * g->terms * g->ap->act_row_bytes,
+                                                    g->ap->act_row_bytes);
         }
     }
 }
@@ -1011,16 +1014,12 @@ static void run_few(void *p, int ith, int nth) {
             }
             continue;
         }
-        for (int64_t r = r0; r < r1; r++) {  /* as run_matmul's dot_terms */
+        for (int64_t r = r0; r < r1; r++) {
             const uint8_t *wr = g->w + r * g->row_stride;
-            for (int64_t t = 0; t < fj->n; t++) {
-                const uint8_t *a = g->ap->act + (fj->a0 + t) * g->terms * g->ap->act_row_bytes;
-                float v;
-                if (g->terms == 1) v = g->dot(g->cols, wr, a);
-                else if (g->dot2) v = g->dot2(g->cols, wr, a, a + g->ap->act_row_bytes);
-                else v = g->dot(g->cols, wr, a) + g->dot(g->cols, wr, a + g->ap->act_row_bytes);
-                g->y[t * g->rows + r] = v;
-            }
+            for (int64_t t = 0; t < fj->n; t++)
+                g->y[t * g->rows + r] = dot_act_row(g->dot, g->dot2, g->terms, g->cols, wr,
+                                                    g->ap->act + (fj->a0 + t) * g->terms * g->ap->act_row_bytes,
+                                                    g->ap->act_row_bytes);
         }
     }
 }
