@@ -249,6 +249,19 @@ int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok
  * ascending within an expert; start[n_sel] = n_tok * n_used); gate/up of all in one pool pass, down of
  * all in a second, each on the kernels gr_matmul picks for its group, so the same bits. */
 #define GR_MOE_FEW_TOKENS 8
+
+/* y[token of pair] += weights[pair] * d[r] for the n expert outputs d[r] of pairs[r] (pair index =
+ * token * n_used + slot): the one place an MoE path adds its weighted expert outputs, so the batched
+ * and few-token paths add in the same order and give the same bits. */
+static inline void gr_moe_add_weighted(float *y, const float *d, const int64_t *pairs, int64_t n,
+                                       const float *weights, int64_t n_used, int64_t n_embd) {
+    for (int64_t r = 0; r < n; r++) {
+        const float wt = weights[pairs[r]];
+        float *yt = y + pairs[r] / n_used * n_embd;
+        const float *dr = d + r * n_embd;
+        for (int64_t c = 0; c < n_embd; c++) yt[c] += wt * dr[c];
+    }
+}
 int gr_moe_few_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok, int64_t n_embd, int64_t n_ff);
 int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
                int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,

@@ -1119,12 +1119,7 @@ int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
 
     /* weighted sum in expert-id order, pairs in index order within an expert: gr_moe_ffn's order */
     memset(y, 0, sizeof(float) * (size_t)(n_tok * n_embd));
-    for (int64_t r = 0; r < n_pairs; r++) {
-        const float wt = weights[order[r]];
-        float *yt = y + order[r] / n_used * n_embd;
-        const float *dr = d + r * n_embd;
-        for (int64_t c = 0; c < n_embd; c++) yt[c] += wt * dr[c];
-    }
+    gr_moe_add_weighted(y, d, order, n_pairs, weights, n_used, n_embd);
 done:
     pthread_mutex_unlock(&api_mutex);
     free(jobs);

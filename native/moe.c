@@ -96,12 +96,7 @@ int gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
         gr_glu(g, u, g, n * n_ff, GR_ACT_SILU, limit > 1e-6f ? limit : 0.0f);
         if ((rc = gr_matmul(down_qtype, down_w[e], n_embd, n_ff, down_rb, g, n, d)) != GR_OK) goto done;
         /* experts are visited in id order, so a token's sum does not depend on the batch around it */
-        for (int64_t r = 0; r < n; r++) {
-            const float w = weights[pairs[r]];
-            float *yt = y + pairs[r] / n_used * n_embd;
-            const float *dr = d + r * n_embd;
-            for (int64_t c = 0; c < n_embd; c++) yt[c] += w * dr[c];
-        }
+        gr_moe_add_weighted(y, d, pairs, n, weights, n_used, n_embd);
     }
 done:
     free(xs); free(g); free(u); free(d);
