@@ -158,21 +158,29 @@ class LLM:
             raise ContextFullError(f"prompt of {n} tokens is longer than the context (n_ctx={self.n_ctx});"
                                    f" load with a larger n_ctx or shorten the prompt")
 
-    def _eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append `ids` to the cached sequence in batches of n_batch; logits of the last (or all) positions."""
+    def _batches(self, ids: Sequence[int], run) -> list:
+        """run(chunk) on `ids` in batches of n_batch, appending each to the cached sequence; their results."""
         out = []
-        if self._drafter is not None:   # positions evaluated here get no recorded hidden state
-            self._drafter.truncate(self.cache.n_past)
         for start in range(0, len(ids), self.n_batch):
             chunk = list(ids[start:start + self.n_batch])
             try:
-                if min(chunk) < 0:   # image rows: the whole batch as embeddings, text and image together
-                    out.append(self.model.forward_embd(self._embed_mixed(chunk), self.cache, all_logits=all_logits))
-                else:
-                    out.append(self.model.forward(np.array(chunk), self.cache, all_logits=all_logits))
+                out.append(run(chunk))
             finally:
                 # a forward interrupted midway leaves n_past where it was: keep `tokens` in step
                 self.tokens = self.tokens[:self.cache.n_past] + chunk[:max(0, self.cache.n_past - len(self.tokens))]
+        return out
+
+    def _eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the cached sequence in batches of n_batch; logits of the last (or all) positions."""
+        if self._drafter is not None:   # positions evaluated here get no recorded hidden state
+            self._drafter.truncate(self.cache.n_past)
+
+        def run(chunk):
+            if min(chunk) < 0:   # image rows: the whole batch as embeddings, text and image together
+                return self.model.forward_embd(self._embed_mixed(chunk), self.cache, all_logits=all_logits)
+            return self.model.forward(np.array(chunk), self.cache, all_logits=all_logits)
+
+        out = self._batches(ids, run)
         return np.concatenate(out) if all_logits else out[-1]
 
     def _embed_mixed(self, chunk: list[int]) -> np.ndarray:
@@ -193,16 +201,14 @@ class LLM:
         """_eval for MTP: also records the trunk's hidden state of every position for the heads."""
         d = self._mtp_drafter()
         d.truncate(self.cache.n_past)
-        h = None
-        for start in range(0, len(ids), self.n_batch):
-            chunk = list(ids[start:start + self.n_batch])
+
+        def run(chunk):
             p0 = self.cache.n_past
-            try:
-                h = self.model.forward_hidden(np.array(chunk), self.cache)
-                d.record(p0, h)
-            finally:
-                self.tokens = self.tokens[:self.cache.n_past] + chunk[:max(0, self.cache.n_past - len(self.tokens))]
-        return self.model.logits(h[-1:])
+            h = self.model.forward_hidden(np.array(chunk), self.cache)
+            d.record(p0, h)
+            return h
+
+        return self.model.logits(self._batches(ids, run)[-1][-1:])
 
     def _prefill(self, ids: Sequence[int], mtp: bool = False) -> tuple[np.ndarray, int]:
         """Bring the cache to `ids`, reusing the common prefix; returns (last logits, reused count)."""
