@@ -329,3 +329,10 @@ def test_mtp_heads_share_the_cache(tiny):
     assert cache.stats.tokens > 0
     llm.close()
     assert llm.model.mtp_experts.cache is None
+
+
+def test_stores_sharing_a_cache_need_distinct_layers(tiny):
+    llm = ggufrun.load(tiny, n_ctx=256)
+    store = llm.model.experts
+    with pytest.raises(ValueError, match="distinct layer ids"):
+        ExpertCache(store, 1 << 24, prefetch=False, advise=False, more_stores=[store])

@@ -266,7 +266,7 @@ def test_generate_api(llms):
     assert llm.last_stats.generated_tokens == 24
     # one controller for every generation (what it learned carries over), capped per generation
     assert llm._draft_ctl is ctl and ctl.step > steps and ctl.cap == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mtp must be >= 0, not -1"):
         llm.generate(PROMPTS[0], max_tokens=4, mtp=-1)
     # stop strings and max_tokens cut in the middle of an accepted run
     for n in (1, 2, 5):

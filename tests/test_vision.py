@@ -224,6 +224,15 @@ def test_bad_images_are_named(tmp_path):
     np.testing.assert_array_equal(load_image(tmp_path / "ok-RGBA.png"), img)
 
 
+def test_image_prompt_misuse_is_named(llm):
+    ids = llm.tokenize_with_images(MARKER + " what is this?", [picture(20, 20)])
+    with pytest.raises(ValueError, match="images go with a text prompt"):
+        llm.generate(ids, max_tokens=1, images=[picture(20, 20)])
+    # a placeholder id that no tokenize_with_images() call made
+    with pytest.raises(ValueError, match="image placeholder id -7 has no embedding"):
+        llm.logits(ids[:2] + [-7])
+
+
 def test_mmproj_checks(files, tmp_path):
     with pytest.raises(GGUFError, match="general.architecture is 'step35'"):
         Encoder(files["text"])
