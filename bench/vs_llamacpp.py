@@ -1,7 +1,7 @@
 """ggufrun against llama.cpp on the same file, threads and context, measured alternately in one run.
 
     python bench/vs_llamacpp.py [-m smollm2-135m -m gemma3-270m -m step35-bench -m PATH.gguf] [-p 512]
-                                [-n 128] [-t 2] [-r 3] [--rounds 2] [--json OUT.json]
+                                [-n 128] [-t 2] [-r 3] [--rounds 2] [--act-precision 1|2] [--json OUT.json]
 
 Each round runs `ggufrun bench` and bench/llamacpp_bench.py in fresh processes (so peak RSS is each
 runtime's own) one after the other, so machine noise hits both alike; the table gives the ratio
@@ -40,12 +40,15 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--act-precision", type=int, choices=(1, 2), default=None,
+                    help="ggufrun's activation precision (default: its own, 2); llama.cpp's is always 1")
     ap.add_argument("--json", help="also write the raw results here")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from ggufrun.hub import resolve
     models = a.model or ["smollm2-135m", "gemma3-270m", "step35-bench"]
     common = ["-p", str(a.n_prompt), "-n", str(a.n_gen), "-t", str(a.threads), "-r", str(a.reps)]
+    ours_extra = ["--act-precision", str(a.act_precision)] if a.act_precision else []
     results = {}
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     for name in models:
@@ -53,14 +56,16 @@ def main() -> None:
         ours, theirs = [], []
         for rnd in range(a.rounds):
             print(f"[{name}] round {rnd + 1}/{a.rounds}: ggufrun ...", file=sys.stderr, flush=True)
-            ours.append(run_json([sys.executable, "-m", "ggufrun.cli", "bench", "-m", path, "--json", *common]))
+            ours.append(run_json([sys.executable, "-m", "ggufrun.cli", "bench", "-m", path, "--json", *common,
+                                 *ours_extra]))
             print(f"[{name}] round {rnd + 1}/{a.rounds}: llama.cpp ...", file=sys.stderr, flush=True)
             theirs.append(run_json([sys.executable, str(HERE / "llamacpp_bench.py"), path, *common]))
         results[name] = {"ggufrun": ours, "llama.cpp": theirs}
 
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     metrics = [m for m, n in ((f"pp{a.n_prompt}", a.n_prompt), (f"tg{a.n_gen}", a.n_gen)) if n]
-    print(f"\nthreads {a.threads}; load average {' '.join(load_before)} before, {' '.join(load_after)} after")
+    precision = results[models[0]]["ggufrun"][0].get("act_precision", "?") if models else "?"
+    print(f"\nthreads {a.threads}; ggufrun act precision {precision}; load average {' '.join(load_before)} before, {' '.join(load_after)} after")
     print(f"{'model':<22} {'metric':<10} {'ggufrun':>12} {'llama.cpp':>12} {'ratio':>7}   runs (ggufrun | llama.cpp)")
     for name, r in results.items():
         for metric in metrics:

@@ -28,6 +28,7 @@ def measure(llm, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -> dict:
     from . import native
     out["threads"] = native.get_threads()
     out["isa"] = native.isa()
+    out["act_precision"] = native.get_act_precision()
 
     def timed(fn) -> float:
         llm.reset()
@@ -56,7 +57,8 @@ def measure(llm, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -> dict:
 
 def format_result(r: dict) -> str:
     from .progress import human_bytes
-    lines = [f"{r['model']}  threads={r['threads']} isa={r['isa']} n_ctx={r['n_ctx']} n_batch={r['n_batch']}"]
+    lines = [f"{r['model']}  threads={r['threads']} isa={r['isa']} act_precision={r['act_precision']}"
+             f" n_ctx={r['n_ctx']} n_batch={r['n_batch']}"]
     for k, v in r.items():
         if k.startswith(("pp", "tg")) and isinstance(v, dict):
             lines.append(f"  {k:<8} {v['mean']:9.2f} ± {v['std']:.2f} tokens/s")
