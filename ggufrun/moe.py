@@ -18,20 +18,13 @@ import numpy as np
 
 from . import native
 from .gguf_file import GGUFError, GGUFFile, QTensor
-from .ops import ACT_SILU, Linear, LinearGroup, ffn
+from .ops import _INT32S, ACT_SILU, Linear, LinearGroup, _check, _f32, _from_buffer, ffn
 
 _lib = native._load()
 _ffi = native._ffi
 
-GATING_SOFTMAX = 1   # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
-GATING_SIGMOID = 2
-# llama.cpp clamps the weight sum from below at the smallest normal float16 before normalising
-_MIN_WEIGHT_SUM = np.float32(6.103515625e-5)
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        native._check(rc, what)
+GATING_SOFTMAX = _lib.GR_GATING_SOFTMAX   # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
+GATING_SIGMOID = _lib.GR_GATING_SIGMOID
 
 
 @dataclass
@@ -138,9 +131,8 @@ def _ffn_call(gq, uq, dq, ptrs, n_expert, n_embd, n_ff, x, ids, weights, limit) 
     n_tok, n_used = ids.shape
     y = np.empty((n_tok, n_embd), dtype=np.float32)
     _check(_lib.gr_moe_ffn(int(gq), ptrs[0], int(uq), ptrs[1], int(dq), ptrs[2], n_expert, n_embd, n_ff,
-                           _ffi.from_buffer("float[]", x), n_tok, n_used, _ffi.from_buffer("int32_t[]", ids),
-                           _ffi.from_buffer("float[]", weights), float(limit), _ffi.from_buffer("float[]", y)),
-           "moe_ffn")
+                           _f32(x), n_tok, n_used, _from_buffer(_INT32S, ids, False), _f32(weights), float(limit),
+                           _f32(y)), "moe_ffn")
     return y
 
 
@@ -168,10 +160,6 @@ class RouterConfig:
     weights_scale: float = 1.0
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
-
-
 class Router:
     """Expert choice as llama.cpp's build_moe_ffn makes it: scores = gating(W x); the top n_used of
     scores + selection bias are chosen; their weights come from the unbiased scores, normalised to sum
@@ -183,6 +171,7 @@ class Router:
         self._normed = LinearGroup([self.w])  # the same product with the block's norm folded in
         b = f.maybe_tensor(prefix + "exp_probs_b.bias", (cfg.n_expert,))
         self.bias = None if b is None else b.dequantize().reshape(-1).astype(np.float32)
+        self._scale = 1.0 if cfg.weights_scale == 0.0 else float(cfg.weights_scale)
         if cfg.gating not in (GATING_SOFTMAX, GATING_SIGMOID):
             raise GGUFError(f"{f.path}: expert gating function {cfg.gating} is not supported"
                             f" (1 softmax, 2 sigmoid)")
@@ -192,20 +181,13 @@ class Router:
         """(ids, weights) for x, or for rms_norm(x) * norm, which then goes to x_normed too."""
         c = self.cfg
         logits = self.w(x) if norm is None else self._normed(x, norm, eps, x_normed)[0]
-        if c.gating == GATING_SIGMOID:
-            probs = sigmoid(logits)
-        else:
-            e = np.exp(logits - logits.max(-1, keepdims=True))
-            probs = (e / e.sum(-1, keepdims=True)).astype(np.float32)
-        sel = probs + self.bias if self.bias is not None else probs
-        # descending, ties to the lower expert id
-        ids = np.argsort(-sel, axis=-1, kind="stable")[:, :c.n_used].astype(np.int32)
-        w = np.take_along_axis(probs, ids, axis=-1)
-        if c.norm_weights:
-            w = w / np.maximum(w.sum(-1, keepdims=True), _MIN_WEIGHT_SUM)
-        if c.weights_scale not in (0.0, 1.0):
-            w = w * np.float32(c.weights_scale)
-        return ids, w.astype(np.float32)
+        n = logits.shape[0]
+        ids = np.empty((n, c.n_used), dtype=np.int32)
+        w = np.empty((n, c.n_used), dtype=np.float32)
+        _check(_lib.gr_moe_route(_f32(logits), n, c.n_expert, c.n_used, c.gating,
+                                 _ffi.NULL if self.bias is None else _f32(self.bias), int(c.norm_weights),
+                                 self._scale, _from_buffer(_INT32S, ids, False), _f32(w)), "moe_route")
+        return ids, w
 
 
 class MoE:

@@ -44,7 +44,7 @@ def _check(rc: int, what: str) -> None:
 class Linear:
     """x @ W^T for a quantized W of shape (rows, cols), bound once to the weight's bytes."""
 
-    __slots__ = ("name", "qtype", "rows", "cols", "stride", "_w", "_keep")
+    __slots__ = ("name", "qtype", "rows", "cols", "stride", "_w", "_keep", "_what")
 
     def __init__(self, w: QTensor):
         self.name = w.name
@@ -55,6 +55,7 @@ class Linear:
             raise ValueError(f"tensor {w.name!r}: {w.nbytes} bytes do not hold {self.rows}x{self.cols} {w.qtype.name}")
         self._keep = w.data
         self._w = _ffi.from_buffer("uint8_t[]", w.data)
+        self._what = f"matmul {self.name}"   # error context, built once: decode calls this ~100x a token
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         n = x.shape[0]
@@ -62,7 +63,7 @@ class Linear:
             out = np.empty((n, self.rows), dtype=np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
         _check(_lib.gr_matmul(self.qtype, self._w, self.rows, self.cols, self.stride, _f32(x), n, _f32(out)),
-               f"matmul {self.name}")
+               self._what)
         return out
 
 
@@ -71,7 +72,7 @@ class LinearGroup:
     quantized once and every row of every matrix is one pass of the thread pool. `norm` folds the
     RMS norm of the input into the same call. Outputs equal the separate Linear calls bit for bit."""
 
-    __slots__ = ("linears", "cols", "n", "_total", "_qtypes", "_w", "_rows", "_bounds")
+    __slots__ = ("linears", "cols", "n", "_total", "_qtypes", "_w", "_rows", "_bounds", "_what")
 
     def __init__(self, linears: list[Linear]):
         if not 1 <= len(linears) <= 8:
@@ -91,6 +92,7 @@ class LinearGroup:
             bounds.append((off, off + lin.rows, lin.rows))
             off += lin.rows
         self._bounds = bounds
+        self._what = f"matmul {', '.join(lin.name for lin in linears)}"
 
     def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0,
                  x_normed: np.ndarray | None = None, out: np.ndarray | None = None) -> list[np.ndarray]:
@@ -103,7 +105,7 @@ class LinearGroup:
         _check(_lib.gr_matmul_multi(self.n, self._qtypes, self._w, self._rows, self.cols, _f32(x), n,
                                     _ffi.NULL if norm is None else _f32(norm), eps,
                                     _ffi.NULL if x_normed is None else _f32(x_normed), _f32(y)),
-               f"matmul {', '.join(lin.name for lin in self.linears)}")
+               self._what)
         return [y[a * n:b * n].reshape(n, r) for a, b, r in self._bounds]
 
 
@@ -166,12 +168,13 @@ def glu(gate: np.ndarray, up: np.ndarray, act: int, clamp: float = 0.0) -> np.nd
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
-              scale: float, window: int = 0, softcap: float = 0.0) -> np.ndarray:
+              scale: float, window: int = 0, softcap: float = 0.0, gate: np.ndarray | None = None) -> np.ndarray:
     """Causal multi-head attention with grouped KV heads over float16 keys and values.
 
     q: (n_q, n_head, dk) float32; k: (n_kv, n_head_kv, dk) and v: (n_kv, n_head_kv, dv) float16;
     key j is visible to query i when 0 <= q_pos[i] - k_pos[j] (< window with a sliding window,
-    llama.cpp's LLAMA_SWA_TYPE_STANDARD). Returns (n_q, n_head * dv) float32.
+    llama.cpp's LLAMA_SWA_TYPE_STANDARD). gate: None, or (n_q, n_head) float32 (C-contiguous): each
+    head's output is scaled by sigmoid(gate) (step35). Returns (n_q, n_head * dv) float32.
     """
     n_q, n_head, dk = q.shape
     n_kv, n_head_kv, dv = v.shape
@@ -179,5 +182,6 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
     _check(_lib.gr_attention(_f32(q), _from_buffer(_UINT16S, k.view(np.uint16), False),
                              _from_buffer(_UINT16S, v.view(np.uint16), False),
                              _from_buffer(_INT32S, q_pos, False), _from_buffer(_INT32S, k_pos, False),
-                             _f32(out), n_q, n_head, n_head_kv, n_kv, dk, dv, scale, window, softcap), "attention")
+                             _f32(out), n_q, n_head, n_head_kv, n_kv, dk, dv, scale, window, softcap,
+                             _ffi.NULL if gate is None else _f32(gate)), "attention")
     return out

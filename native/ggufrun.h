@@ -115,10 +115,12 @@ int  gr_qk_norm_rope(float *q, float *k, const int32_t *pos, int64_t n_tok, int6
 int  gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
 /* Causal attention of n_q queries (n_q, n_head, dk) over n_kv cached slots of float16 keys
  * (n_kv, n_head_kv, dk) and values (n_kv, n_head_kv, dv) at positions k_pos; a key is visible when
- * 0 <= q_pos - k_pos (< window if window > 0). out: (n_q, n_head, dv). softcap > 0 caps the scores. */
+ * 0 <= q_pos - k_pos (< window if window > 0). out: (n_q, n_head, dv). softcap > 0 caps the scores.
+ * gate: NULL, or (n_q, n_head) floats: head h of query i is then scaled by sigmoid(gate[i, h]) (step35). */
 int  gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int32_t *q_pos,
                   const int32_t *k_pos, float *out, int64_t n_q, int64_t n_head, int64_t n_head_kv,
-                  int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap);
+                  int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap,
+                  const float *gate);
 
 /* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
 /* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].
@@ -131,6 +133,15 @@ int  gr_moe_ffn(int gate_qtype, const void *const *gate_w, int up_qtype, const v
                 int down_qtype, const void *const *down_w, int64_t n_expert, int64_t n_embd, int64_t n_ff,
                 const float *x, int64_t n_tok, int64_t n_used, const int32_t *ids, const float *weights,
                 float limit, float *y);
+
+/* Router logits (n_tok, n_expert) -> ids and weights (n_tok, n_used), llama.cpp's build_moe_ffn choice:
+ * gating GR_GATING_SOFTMAX or GR_GATING_SIGMOID probabilities; the n_used largest of probability + bias
+ * (bias: n_expert floats or NULL), descending, ties to the lower id; weights = their probabilities,
+ * divided by their sum (at least 2^-14) if norm, times scale. */
+#define GR_GATING_SOFTMAX 1
+#define GR_GATING_SIGMOID 2
+int  gr_moe_route(const float *logits, int64_t n_tok, int64_t n_expert, int64_t n_used, int gating,
+                  const float *bias, int norm, float scale, int32_t *ids, float *weights);
 
 /* ---- vision ---- (native/vision.c: the image encoder's ops, ggufrun/vision/) */
 /* Non-causal softmax attention of n tokens over themselves, n_head heads of d floats: token t's head h

@@ -1,7 +1,7 @@
 /* Mixture-of-experts feed-forward: every selected expert of a batch in one call.
  *
- * Python routes (top-k of a few hundred scores is cheap there) and hands over the token -> expert
- * assignment with its weights; this file groups the tokens by expert, so each active expert does one
+ * gr_moe_route turns the router's logits into the token -> expert assignment with its weights (numpy
+ * took ~100 us a layer for a decoded token's few hundred scores); gr_moe_ffn groups the tokens by expert, so each active expert does one
  * matrix-matrix product per weight (gate, up, down) over all the tokens that chose it, applies the
  * (optionally clamped) SwiGLU, and accumulates the weighted outputs. Products go through gr_matmul, so
  * the quant types, activation precision and threading are exactly those of every other matmul.
@@ -102,4 +102,48 @@ done:
     free(xs); free(g); free(u); free(d);
     free(start); free(order);
     return rc;
+}
+
+/* llama.cpp's build_moe_ffn choice: probabilities (softmax over the experts, or one sigmoid per expert),
+ * the n_used largest of probability + bias (ties to the lower expert id; NaN ranks last), their unbiased
+ * probabilities as weights, normalised to sum to one if norm (a sum below 2^-14 counts as 2^-14, ggml's
+ * clamp), times scale. */
+int gr_moe_route(const float *logits, int64_t n_tok, int64_t n_expert, int64_t n_used, int gating,
+                 const float *bias, int norm, float scale, int32_t *ids, float *weights) {
+    if (n_tok <= 0 || n_expert <= 0 || n_used <= 0 || n_used > n_expert) return GR_E_SHAPE;
+    if (gating != GR_GATING_SOFTMAX && gating != GR_GATING_SIGMOID) return GR_E_ARG;
+    float *p = malloc(sizeof(float) * (size_t)n_expert);
+    if (!p) return GR_E_NOMEM;
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *l = logits + t * n_expert;
+        if (gating == GR_GATING_SIGMOID) {
+            for (int64_t e = 0; e < n_expert; e++) p[e] = 1.0f / (1.0f + expf(-l[e]));
+        } else {
+            float mx = -INFINITY, sum = 0.0f;
+            for (int64_t e = 0; e < n_expert; e++) if (l[e] > mx) mx = l[e];
+            for (int64_t e = 0; e < n_expert; e++) sum += (p[e] = expf(l[e] - mx));
+            for (int64_t e = 0; e < n_expert; e++) p[e] /= sum;
+        }
+        /* insertion into the sorted top n_used: a later expert goes after an equal earlier one */
+        int32_t *top = ids + t * n_used;
+        float *w = weights + t * n_used;   /* the selection scores while sorting, weights after */
+        int64_t count = 0;
+        for (int64_t e = 0; e < n_expert; e++) {
+            float v = bias ? p[e] + bias[e] : p[e];
+            if (isnan(v)) v = -INFINITY;
+            if (count == n_used && !(v > w[n_used - 1])) continue;
+            int64_t pos = count < n_used ? count++ : n_used - 1;
+            while (pos > 0 && v > w[pos - 1]) { w[pos] = w[pos - 1]; top[pos] = top[pos - 1]; pos--; }
+            w[pos] = v; top[pos] = (int32_t)e;
+        }
+        float sum = 0.0f;
+        for (int64_t k = 0; k < n_used; k++) sum += (w[k] = p[top[k]]);
+        const float div = sum < 6.103515625e-5f ? 6.103515625e-5f : sum;
+        for (int64_t k = 0; k < n_used; k++) {
+            if (norm) w[k] /= div;
+            w[k] *= scale;
+        }
+    }
+    free(p);
+    return GR_OK;
 }

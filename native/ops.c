@@ -98,6 +98,7 @@ static void scale_avx2(float *acc, float s, int64_t n) {
 
 static dot_f16_fn dot_f16 = dot_f16_scalar;
 static axpy_f16_fn axpy_f16 = axpy_f16_scalar;
+static int attn_tiled;  /* gr_attention runs the AVX2 tiled kernel (attention_tiled) */
 static scale_fn scale_f32 = scale_scalar;
 static pthread_once_t ops_once = PTHREAD_ONCE_INIT;
 
@@ -108,6 +109,7 @@ static void ops_init(void) {
         __builtin_cpu_supports("f16c")) {
         dot_f16 = dot_f16_avx2;
         axpy_f16 = axpy_f16_avx2;
+        attn_tiled = 1;
         scale_f32 = scale_avx2;
     }
 #endif
@@ -118,13 +120,13 @@ int gr_ops_simd(int on) {
     pthread_mutex_lock(&ops_mutex);
 #ifdef GR_X86
     if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-        dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2;
+        dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2; attn_tiled = 1;
         pthread_mutex_unlock(&ops_mutex);
         return 1;
     }
 #endif
     (void)on;
-    dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar;
+    dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar; attn_tiled = 0;
     pthread_mutex_unlock(&ops_mutex);
     return 0;
 }
@@ -228,6 +230,7 @@ typedef struct {
     int64_t k_stride, v_stride;   /* elements between consecutive cache slots */
     float scale, softcap;
     int window;
+    const float *gate;            /* NULL, or (n_q, n_head): each head's output times sigmoid(gate) */
     float *scratch;               /* per thread: dv accumulators + n_kv scores */
     atomic_llong next_item;       /* (query, head) items are claimed, so any subset of threads finishes */
 } attn_task;
@@ -267,25 +270,262 @@ static void run_attention(void *p, int ith, int nth) {
         }
         const float inv = 1.0f / sum;
         for (int64_t c = 0; c < a->dv; c++) o[c] = acc[c] * inv;
+        if (a->gate) {
+            const float g = 1.0f / (1.0f + expf(-a->gate[i * a->n_head + h]));
+            for (int64_t c = 0; c < a->dv; c++) o[c] *= g;
+        }
     }
 }
 
+#ifdef GR_X86
+/* ---- the AVX2 tiled kernel: an item is a block of qb queries times nr heads of one KV group. Each block
+ * of 8 keys (then values) is converted from f16 once and used by all qb * nr rows; a row's 8 scores are
+ * one register-blocked micro-kernel (8 accumulators, transposed sums); exp is a vector polynomial. Keys
+ * are visited only in the range some query of the block can see when the slots hold ascending positions
+ * (global layers, a ring that has not wrapped), so causal prefill does half the products. */
+
+typedef struct {
+    attn_task t;
+    int64_t qb, nr;               /* queries and heads per item */
+    int64_t per_thread;           /* scratch floats per thread */
+    int sorted;                   /* k_pos ascending: key ranges by binary search */
+} tiled_task;
+
+__attribute__((target("avx2,fma")))
+static inline __m256 exp_avx2(__m256 x) {
+    /* e^x = 2^n e^r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error < 1e-8 relative);
+     * x below -87.3 (masked scores are -inf) gives exactly 0 */
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 8 f16 rows (n of them real, the rest zero) of d elements each, at src + t * stride, to dst[t * d] */
+__attribute__((target("avx2,fma,f16c")))
+static void rows8_to_f32(float *dst, const uint16_t *src, int64_t stride, int n, int64_t d) {
+    for (int t = 0; t < 8; t++)
+        for (int64_t c = 0; c < d; c += 8)
+            _mm256_storeu_ps(dst + t * d + c, t < n ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + t * stride + c)))
+                                                  : _mm256_setzero_ps());
+}
+
+/* the 8 dot products of q with rows kf[t * d], in key order in one register */
+__attribute__((target("avx2,fma")))
+static inline __m256 dot8(const float *q, const float *kf, int64_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t c = 0; c < d; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + c);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 0 * d + c), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 1 * d + c), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 2 * d + c), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 3 * d + c), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 4 * d + c), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 5 * d + c), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 6 * d + c), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + 7 * d + c), a7);
+    }
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+static int64_t first_at_least(const int32_t *a, int64_t n, int64_t v) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) { const int64_t mid = (lo + hi) / 2; if (a[mid] < v) lo = mid + 1; else hi = mid; }
+    return lo;
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void run_attention_tiled(void *p, int ith, int nth) {
+    tiled_task *tt = p;
+    const attn_task *a = &tt->t;
+    (void)nth;
+    const int64_t group = a->n_head / a->n_head_kv, nr = tt->nr, qb = tt->qb, dk = a->dk, dv = a->dv;
+    const int64_t per_group = group / nr, n_qblk = (a->n_q + qb - 1) / qb;
+    const int64_t n_items = n_qblk * a->n_head_kv * per_group;
+    float *kv = a->scratch + (size_t)ith * (size_t)tt->per_thread;   /* 8 keys or values as f32 */
+    float *o = kv + 8 * (dk > dv ? dk : dv);                          /* rows x dv */
+    float *sc = o + qb * nr * dv;                                     /* rows x (keys of the range) */
+    float inv[qb * nr];
+    __m256 mx[qb * nr];
+    for (int64_t item; (item = atomic_fetch_add((atomic_llong *)&a->next_item, 1)) < n_items;) {
+        const int64_t ib = item / (a->n_head_kv * per_group), rest = item % (a->n_head_kv * per_group);
+        const int64_t hk = rest / per_group, h0 = hk * group + (rest % per_group) * nr;
+        const int64_t i0 = ib * qb, nq = a->n_q - i0 < qb ? a->n_q - i0 : qb, rows = nq * nr;
+        int32_t pmin = a->q_pos[i0], pmax = pmin;
+        for (int64_t i = 1; i < nq; i++) {
+            if (a->q_pos[i0 + i] < pmin) pmin = a->q_pos[i0 + i];
+            if (a->q_pos[i0 + i] > pmax) pmax = a->q_pos[i0 + i];
+        }
+        int64_t j0 = 0, j1 = a->n_kv;
+        if (tt->sorted) {
+            j1 = first_at_least(a->k_pos, a->n_kv, (int64_t)pmax + 1);
+            if (a->window) j0 = first_at_least(a->k_pos, j1, (int64_t)pmin - a->window + 1);
+            /* blocks start at multiples of 8 whatever the batch, so key j always sums in lane j % 8: a
+             * query's bits do not depend on the queries it shares an item with */
+            j0 &= ~(int64_t)7;
+        }
+        const int64_t len = (j1 - j0 + 7) & ~(int64_t)7;
+        for (int64_t r = 0; r < rows; r++) mx[r] = _mm256_set1_ps(-INFINITY);
+        /* scores, masked to -inf */
+        for (int64_t jb = j0; jb < j1; jb += 8) {
+            const int n = j1 - jb < 8 ? (int)(j1 - jb) : 8;
+            int32_t kp[8];
+            for (int t = 0; t < 8; t++) kp[t] = t < n ? a->k_pos[jb + t] : INT32_MAX;
+            const __m256i kpv = _mm256_loadu_si256((const __m256i *)kp);
+            rows8_to_f32(kv, a->k + jb * a->k_stride + hk * dk, a->k_stride, n, dk);
+            for (int64_t i = 0; i < nq; i++) {
+                const __m256i d = _mm256_sub_epi32(_mm256_set1_epi32(a->q_pos[i0 + i]), kpv);
+                __m256i vis = _mm256_cmpgt_epi32(d, _mm256_set1_epi32(-1));
+                if (a->window) vis = _mm256_and_si256(vis, _mm256_cmpgt_epi32(_mm256_set1_epi32(a->window), d));
+                for (int64_t r = 0; r < nr; r++) {
+                    const int64_t row = i * nr + r;
+                    __m256 s = _mm256_mul_ps(dot8(a->q + ((i0 + i) * a->n_head + h0 + r) * dk, kv, dk),
+                                             _mm256_set1_ps(a->scale));
+                    if (a->softcap > 0.0f) {
+                        float f[8];
+                        _mm256_storeu_ps(f, s);
+                        for (int t = 0; t < 8; t++) f[t] = a->softcap * tanhf(f[t] / a->softcap);
+                        s = _mm256_loadu_ps(f);
+                    }
+                    s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, _mm256_castsi256_ps(vis));
+                    _mm256_storeu_ps(sc + row * len + (jb - j0), s);
+                    mx[row] = _mm256_max_ps(mx[row], s);
+                }
+            }
+        }
+        /* probabilities (unnormalised) and their sums; a row that sees no key gets zeros */
+        for (int64_t r = 0; r < rows; r++) {
+            const float m = hmax8(mx[r]);
+            float *sr = sc + r * len;
+            if (m == -INFINITY) {
+                memset(sr, 0, sizeof(float) * (size_t)len);
+                inv[r] = 0.0f;
+                continue;
+            }
+            __m256 sum = _mm256_setzero_ps();
+            const __m256 mv = _mm256_set1_ps(m);
+            for (int64_t j = 0; j < len; j += 8) {
+                const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+                _mm256_storeu_ps(sr + j, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            inv[r] = 1.0f / hsum8(sum);
+        }
+        /* weighted values */
+        memset(o, 0, sizeof(float) * (size_t)(rows * dv));
+        for (int64_t jb = j0; jb < j1; jb += 8) {
+            const int n = j1 - jb < 8 ? (int)(j1 - jb) : 8;
+            rows8_to_f32(kv, a->v + jb * a->v_stride + hk * dv, a->v_stride, n, dv);
+            for (int64_t r = 0; r < rows; r++) {
+                const float *e = sc + r * len + (jb - j0);
+                if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(e), _mm256_setzero_ps(), _CMP_NEQ_OQ)) == 0)
+                    continue;   /* every key of the block masked (or underflowed) for this row */
+                float *orow = o + r * dv;
+                for (int64_t c = 0; c < dv; c += 8) {
+                    __m256 acc = _mm256_loadu_ps(orow + c);
+                    for (int t = 0; t < 8; t++)
+                        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(e + t), _mm256_loadu_ps(kv + t * dv + c), acc);
+                    _mm256_storeu_ps(orow + c, acc);
+                }
+            }
+        }
+        for (int64_t i = 0; i < nq; i++)
+            for (int64_t r = 0; r < nr; r++) {
+                const int64_t row = i * nr + r;
+                float *out = a->out + ((i0 + i) * a->n_head + h0 + r) * dv;
+                const __m256 s = _mm256_set1_ps(inv[row]);
+                for (int64_t c = 0; c < dv; c += 8)
+                    _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_loadu_ps(o + row * dv + c), s));
+                if (a->gate) {
+                    const __m256 g = _mm256_set1_ps(1.0f / (1.0f + expf(-a->gate[(i0 + i) * a->n_head + h0 + r])));
+                    for (int64_t c = 0; c < dv; c += 8) _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_loadu_ps(out + c), g));
+                }
+            }
+    }
+}
+
+static int attention_tiled(attn_task *a, int nth) {
+    const int64_t group = a->n_head / a->n_head_kv;
+    /* heads per item: the whole group (at most 16), fewer when that leaves a thread idle */
+    int64_t nr = 1;
+    for (int64_t d = group < 16 ? group : 16; d >= 1; d--)
+        if (group % d == 0) { nr = d; break; }
+    while (nr > 1 && a->n_q * a->n_head_kv * (group / nr) < nth) {
+        int64_t d = nr - 1;
+        while (group % d) d--;
+        nr = d;
+    }
+    /* queries per item: share each converted key among more rows while every thread keeps ~4 items */
+    int64_t qb = 1;
+    while (qb * 2 * nr <= 32 && (a->n_q + 2 * qb - 1) / (2 * qb) * a->n_head_kv * (group / nr) >= 4 * nth) qb *= 2;
+    int sorted = 1;
+    for (int64_t j = 1; j < a->n_kv && sorted; j++) sorted = a->k_pos[j] > a->k_pos[j - 1];
+    const int64_t per_thread = 8 * (a->dk > a->dv ? a->dk : a->dv) + qb * nr * (a->dv + a->n_kv + 8);
+    float *scratch = aligned_alloc(64, ((size_t)per_thread * (size_t)nth * sizeof(float) + 63) & ~(size_t)63);
+    if (!scratch) return GR_E_NOMEM;
+    tiled_task t = {*a, qb, nr, per_thread, sorted};
+    t.t.scratch = scratch;
+    atomic_init(&t.t.next_item, 0);
+    gr_pool_run_dynamic(run_attention_tiled, &t, nth);
+    free(scratch);
+    return GR_OK;
+}
+#endif
+
 int gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int32_t *q_pos,
                  const int32_t *k_pos, float *out, int64_t n_q, int64_t n_head, int64_t n_head_kv,
-                 int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap) {
+                 int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap, const float *gate) {
     pthread_once(&ops_once, ops_init);
     if (n_q <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || n_kv <= 0 || dk <= 0 || dv <= 0)
         return GR_E_SHAPE;
     pthread_mutex_lock(&ops_mutex);
+    /* below a few hundred thousand multiply-adds a pool wake-up costs more than it saves */
+    const double work = (double)n_q * (double)n_head * (double)n_kv * (double)(dk + dv);
+#ifdef GR_X86
+    if (attn_tiled && dk % 8 == 0 && dv % 8 == 0) {
+        attn_task t = {q, k, v, q_pos, k_pos, out, n_q, n_head, n_head_kv, n_kv, dk, dv,
+                       n_head_kv * dk, n_head_kv * dv, scale, softcap, window, gate, NULL, 0};
+        const int rc = attention_tiled(&t, work >= 2e5 ? gr_pool_threads() : 1);
+        pthread_mutex_unlock(&ops_mutex);
+        return rc;
+    }
+#endif
     const int nth = gr_pool_threads();
     const size_t per_thread = (size_t)(dv + n_kv);
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)nth);
     if (!scratch) { pthread_mutex_unlock(&ops_mutex); return GR_E_NOMEM; }
     attn_task a = {q, k, v, q_pos, k_pos, out, n_q, n_head, n_head_kv, n_kv, dk, dv,
-                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, scratch, 0};
+                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, gate, scratch, 0};
     atomic_init(&a.next_item, 0);
-    /* below a few hundred thousand multiply-adds a pool wake-up costs more than it saves */
-    const double work = (double)n_q * (double)n_head * (double)n_kv * (double)(dk + dv);
     /* claimed work: a worker descheduled by another process is skipped, not waited for */
     gr_pool_run_dynamic(run_attention, &a, work >= 2e5 ? nth : 1);
     free(scratch);

@@ -82,9 +82,22 @@ def test_head1_acceptance_well_above_chance(llm):
     assert rate >= HEAD1_FLOOR, rate
 
 
+def margin(logits: np.ndarray) -> float:
+    top2 = np.partition(logits.astype(np.float64), -2)[-2:]
+    return float(top2[1] - top2[0])
+
+
+# Logits of the two engines on this file differ by ~0.01 (llama.cpp rounds queries and attention
+# probabilities to f16, ggufrun keeps them f32), so greedy paths may part where the top two are closer.
+NEAR_TIE = 0.05
+
+
 def test_trunk_greedy_matches_llama_cpp(llm):
+    """Greedy tokens equal llama.cpp's until the first near-tie (the top two within NEAR_TIE in either
+    engine), and most of the 2 x N_GEN tokens come before one."""
     llama_cpp = pytest.importorskip("llama_cpp")
     model = llm.model
+    agreed = 0
     for text in prompts(2):
         prompt = llm.tokenize(text)
         # llama.cpp rounds activations to 8 bits before each quantized product; at act precision 1 we
@@ -92,18 +105,25 @@ def test_trunk_greedy_matches_llama_cpp(llm):
         with native.act_precision(1):
             cache = model.new_cache(512, 512)
             logits = model.forward(np.array(prompt), cache)
-            ours = []
+            ours, our_margin = [], []
             for _ in range(N_GEN):
                 tok = int(np.argmax(logits[-1]))
                 ours.append(tok)
+                our_margin.append(margin(logits[-1]))
                 logits = model.forward(np.array([tok]), cache)
         lc = llama_cpp.Llama(str(MODEL), n_ctx=512, n_batch=64, n_ubatch=64, logits_all=True, verbose=False,
                              n_threads=1)
         lc.eval(prompt)
-        theirs = []
+        theirs, their_margin = [], []
         for _ in range(N_GEN):
-            tok = int(np.argmax(lc.scores[lc.n_tokens - 1]))
+            scores = np.array(lc.scores[lc.n_tokens - 1])
+            tok = int(np.argmax(scores))
             theirs.append(tok)
+            their_margin.append(margin(scores))
             lc.eval([tok])
         lc.close()
-        assert ours == theirs, text[:40]
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), N_GEN)
+        if first < N_GEN:
+            assert min(our_margin[first], their_margin[first]) < NEAR_TIE, (text[:40], first, ours, theirs)
+        agreed += first
+    assert agreed >= N_GEN, agreed

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggufrun import ops
+from ggufrun import native, ops
 
 rng = np.random.default_rng(0)
 
@@ -113,6 +113,32 @@ def test_attention_large_batch_uses_threads():
     np.testing.assert_allclose(got, attention_ref(q, k, v, pos[-n_q:], pos, 0.125), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("n_head,n_head_kv", [(9, 3), (8, 2), (3, 1), (4, 4)])
+@pytest.mark.parametrize("window", [0, 37])
+def test_attention_query_bits_do_not_depend_on_batch_or_threads(simd, n_head, n_head_kv, window):
+    """A query's output is the same bits alone (decode) as in a batch (prefill, MTP verify), whatever the
+    thread count and however many of a KV group's heads share a work item: speculative decoding relies
+    on it to give exactly the tokens plain decoding gives."""
+    n_kv, n_q, d = 300, 11, 64
+    q = rng.standard_normal((n_q, n_head, d)).astype(np.float32)
+    k = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float16)
+    v = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float16)
+    k_pos = np.arange(n_kv, dtype=np.int32)
+    q_pos = k_pos[-n_q:] - 3     # the last keys are in every query's future: masked
+    want = None
+    for threads in (1, 2, 3):
+        with native.threads(threads):
+            batch = ops.attention(q, k, v, q_pos, k_pos, 0.125, window)
+            alone = np.concatenate([ops.attention(q[i:i + 1], k, v, q_pos[i:i + 1], k_pos, 0.125, window)
+                                    for i in range(n_q)])
+            pairs = np.concatenate([ops.attention(q[i:i + 2], k, v, q_pos[i:i + 2], k_pos, 0.125, window)
+                                    for i in range(1, n_q - 1, 2)])
+        want = batch if want is None else want
+        assert np.array_equal(batch, alone) and np.array_equal(batch, want), threads
+        assert np.array_equal(batch[1:1 + len(pairs)], pairs), threads
+    np.testing.assert_allclose(want, attention_ref(q, k, v, q_pos, k_pos, 0.125, window), rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("norms", [True, False])
 def test_qk_norm_rope_equals_the_separate_calls(simd, norms):
     """One call for the per-head norms and rope of q and k gives the bits of rms_norm and rope in turn."""
@@ -132,3 +158,70 @@ def test_qk_norm_rope_equals_the_separate_calls(simd, norms):
     assert np.array_equal(k.view(np.uint32), want_k.view(np.uint32))
     with pytest.raises(ValueError, match="qk_norm_rope"):
         ops.qk_norm_rope(q, k, pos, qn, kn, 1e-6, 33, 10000.0, ops.ROPE_NEOX)  # odd n_rot
+
+
+def route(logits, n_used, gating, bias=None, norm=False, scale=1.0):
+    n, n_expert = logits.shape
+    ids = np.empty((n, n_used), np.int32)
+    w = np.empty((n, n_used), np.float32)
+    rc = ops._lib.gr_moe_route(ops._f32(logits), n, n_expert, n_used, gating,
+                               ops._ffi.NULL if bias is None else ops._f32(bias), int(norm), scale,
+                               ops._from_buffer(ops._INT32S, ids, False), ops._f32(w))
+    if rc:
+        native._check(rc, "moe_route")
+    return ids, w
+
+
+def route_ref(logits, n_used, gating, bias=None, norm=False, scale=1.0):
+    """llama.cpp's build_moe_ffn choice in float64: top n_used of prob + bias, ties to the lower id."""
+    x = logits.astype(np.float64)
+    if gating == 2:
+        p = 1 / (1 + np.exp(-x))
+    else:
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+    sel = p + (0 if bias is None else bias.astype(np.float64))
+    ids = np.argsort(-sel, axis=-1, kind="stable")[:, :n_used]
+    w = np.take_along_axis(p, ids, -1)
+    if norm:
+        w = w / np.maximum(w.sum(-1, keepdims=True), 6.103515625e-5)
+    return ids, w * scale
+
+
+@pytest.mark.parametrize("gating", [1, 2])
+@pytest.mark.parametrize("biased,norm,scale", [(False, False, 1.0), (True, True, 2.5), (False, True, 1.0)])
+def test_moe_route_matches_the_reference(gating, biased, norm, scale):
+    logits = rng.standard_normal((37, 64)).astype(np.float32) * 3
+    bias = (rng.standard_normal(64) * 0.1).astype(np.float32) if biased else None
+    ids, w = route(logits, 8, gating, bias, norm, scale)
+    want_ids, want_w = route_ref(logits, 8, gating, bias, norm, scale)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_allclose(w, want_w, rtol=2e-6, atol=1e-7)
+
+
+def test_moe_route_ties_go_to_the_lower_id_and_nan_ranks_last():
+    logits = np.zeros((2, 6), np.float32)
+    logits[0, [1, 4]] = 1.0          # a tie between experts 1 and 4 at the top, then ties among the rest
+    logits[1, 0] = np.nan
+    ids, w = route(logits, 3, 2)
+    assert ids[0].tolist() == [1, 4, 0]
+    assert ids[1].tolist() == [1, 2, 3]
+    assert np.isfinite(w).all()
+    with pytest.raises(ValueError):
+        route(logits, 7, 2)          # more experts asked for than there are
+
+
+@pytest.mark.parametrize("n_q", [1, 5])
+def test_attention_head_gate(simd, n_q):
+    """step35's gate: head h of query i times sigmoid(gate[i, h]), the same bits as scaling afterwards."""
+    n_kv, n_head, n_head_kv, d = 40, 6, 2, 64
+    q = rng.standard_normal((n_q, n_head, d)).astype(np.float32)
+    k = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float16)
+    v = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float16)
+    gate = rng.standard_normal((n_q, n_head)).astype(np.float32) * 3
+    k_pos = np.arange(n_kv, dtype=np.int32)
+    plain = ops.attention(q, k, v, k_pos[-n_q:], k_pos, 0.125)
+    gated = ops.attention(q, k, v, k_pos[-n_q:], k_pos, 0.125, gate=gate)
+    sig = (1 / (1 + np.exp(-gate.astype(np.float64)))).astype(np.float32)
+    np.testing.assert_allclose(gated, (plain.reshape(n_q, n_head, d) * sig[:, :, None]).reshape(n_q, -1),
+                               rtol=1e-6, atol=1e-7)

@@ -20,7 +20,7 @@ import numpy as np
 from ..gguf_file import GGUFError, GGUFFile
 from ..kv_cache import LayerCacheSpec
 from ..layers import Attention, AttentionConfig, RopeConfig, small
-from ..moe import GATING_SIGMOID, MoE, ExpertStore, RouterConfig, SwiGLU, sigmoid
+from ..moe import GATING_SIGMOID, MoE, ExpertStore, RouterConfig, SwiGLU
 from ..ops import ROPE_NEOX, Linear, attention, embed_rows, rms_norm
 from .base import TransformerLM, hparam, per_layer
 
@@ -123,10 +123,7 @@ class GatedAttention(Attention):
         c = self.cfg
         q, k, v, *gate = self.qkv(x, positions, norm, eps)
         keys, values, key_pos = cache.store(layer, positions, k, v)
-        a = attention(q, keys, values, positions, key_pos, c.scale, c.window)
-        if gate:
-            n = x.shape[0]
-            a = (a.reshape(n, c.n_head, c.head_dim_v) * sigmoid(gate[0])[:, :, None]).reshape(n, -1)
+        a = attention(q, keys, values, positions, key_pos, c.scale, c.window, gate=gate[0] if gate else None)
         return self.wo(a)
 
 
