@@ -175,6 +175,9 @@ class Router:
         if cfg.gating not in (GATING_SOFTMAX, GATING_SIGMOID):
             raise GGUFError(f"{f.path}: expert gating function {cfg.gating} is not supported"
                             f" (1 softmax, 2 sigmoid)")
+        if not 1 <= cfg.n_used <= cfg.n_expert:
+            raise GGUFError(f"{f.path}: {f.arch}.expert_used_count is {cfg.n_used}, expected 1 to"
+                            f" {f.arch}.expert_count ({cfg.n_expert})")
 
     def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0,
                  x_normed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -401,11 +401,20 @@ static void run_attention_tiled(void *p, int ith, int nth) {
             int32_t kp[8];
             for (int t = 0; t < 8; t++) kp[t] = t < n ? a->k_pos[jb + t] : INT32_MAX;
             const __m256i kpv = _mm256_loadu_si256((const __m256i *)kp);
-            rows8_to_f32(kv, a->k + jb * a->k_stride + hk * dk, a->k_stride, n, dk);
+            __m256i vis[qb];
+            int any = 0;
             for (int64_t i = 0; i < nq; i++) {
                 const __m256i d = _mm256_sub_epi32(_mm256_set1_epi32(a->q_pos[i0 + i]), kpv);
-                __m256i vis = _mm256_cmpgt_epi32(d, _mm256_set1_epi32(-1));
-                if (a->window) vis = _mm256_and_si256(vis, _mm256_cmpgt_epi32(_mm256_set1_epi32(a->window), d));
+                vis[i] = _mm256_cmpgt_epi32(d, _mm256_set1_epi32(-1));
+                if (a->window) vis[i] = _mm256_and_si256(vis[i], _mm256_cmpgt_epi32(_mm256_set1_epi32(a->window), d));
+                any |= !_mm256_testz_si256(vis[i], vis[i]);
+            }
+            if (!any) {   /* empty ring slots, keys outside every query's window: nothing to compute */
+                for (int64_t r = 0; r < rows; r++) _mm256_storeu_ps(sc + r * len + (jb - j0), _mm256_set1_ps(-INFINITY));
+                continue;
+            }
+            rows8_to_f32(kv, a->k + jb * a->k_stride + hk * dk, a->k_stride, n, dk);
+            for (int64_t i = 0; i < nq; i++) {
                 for (int64_t r = 0; r < nr; r++) {
                     const int64_t row = i * nr + r;
                     __m256 s = _mm256_mul_ps(dot8(a->q + ((i0 + i) * a->n_head + h0 + r) * dk, kv, dk),
@@ -416,7 +425,7 @@ static void run_attention_tiled(void *p, int ith, int nth) {
                         for (int t = 0; t < 8; t++) f[t] = a->softcap * tanhf(f[t] / a->softcap);
                         s = _mm256_loadu_ps(f);
                     }
-                    s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, _mm256_castsi256_ps(vis));
+                    s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, _mm256_castsi256_ps(vis[i]));
                     _mm256_storeu_ps(sc + row * len + (jb - j0), s);
                     mx[row] = _mm256_max_ps(mx[row], s);
                 }
@@ -444,11 +453,16 @@ static void run_attention_tiled(void *p, int ith, int nth) {
         memset(o, 0, sizeof(float) * (size_t)(rows * dv));
         for (int64_t jb = j0; jb < j1; jb += 8) {
             const int n = j1 - jb < 8 ? (int)(j1 - jb) : 8;
+            uint32_t live = 0;   /* rows (at most 32) for which some key of the block has a nonzero probability, as bits */
+            for (int64_t r = 0; r < rows; r++)
+                if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(sc + r * len + (jb - j0)), _mm256_setzero_ps(),
+                                                     _CMP_NEQ_OQ)))
+                    live |= 1u << r;
+            if (!live) continue;   /* every key of the block masked (or underflowed) for every row */
             rows8_to_f32(kv, a->v + jb * a->v_stride + hk * dv, a->v_stride, n, dv);
             for (int64_t r = 0; r < rows; r++) {
                 const float *e = sc + r * len + (jb - j0);
-                if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(e), _mm256_setzero_ps(), _CMP_NEQ_OQ)) == 0)
-                    continue;   /* every key of the block masked (or underflowed) for this row */
+                if (!(live >> r & 1u)) continue;
                 float *orow = o + r * dv;
                 for (int64_t c = 0; c < dv; c += 8) {
                     __m256 acc = _mm256_loadu_ps(orow + c);
@@ -487,8 +501,9 @@ static int attention_tiled(attn_task *a, int nth) {
     /* queries per item: share each converted key among more rows while every thread keeps ~4 items */
     int64_t qb = 1;
     while (qb * 2 * nr <= 32 && (a->n_q + 2 * qb - 1) / (2 * qb) * a->n_head_kv * (group / nr) >= 4 * nth) qb *= 2;
+    /* non-decreasing: a ring that has not wrapped ends in empty slots, all at the same future position */
     int sorted = 1;
-    for (int64_t j = 1; j < a->n_kv && sorted; j++) sorted = a->k_pos[j] > a->k_pos[j - 1];
+    for (int64_t j = 1; j < a->n_kv && sorted; j++) sorted = a->k_pos[j] >= a->k_pos[j - 1];
     const int64_t per_thread = 8 * (a->dk > a->dv ? a->dk : a->dv) + qb * nr * (a->dv + a->n_kv + 8);
     float *scratch = aligned_alloc(64, ((size_t)per_thread * (size_t)nth * sizeof(float) + 63) & ~(size_t)63);
     if (!scratch) return GR_E_NOMEM;

@@ -115,7 +115,8 @@ def test_attention_large_batch_uses_threads():
 
 @pytest.mark.parametrize("n_head,n_head_kv", [(9, 3), (8, 2), (3, 1), (4, 4)])
 @pytest.mark.parametrize("window", [0, 37])
-def test_attention_query_bits_do_not_depend_on_batch_or_threads(simd, n_head, n_head_kv, window):
+@pytest.mark.parametrize("slots", ["ordered", "ring with empty tail", "wrapped ring"])
+def test_attention_query_bits_do_not_depend_on_batch_or_threads(simd, n_head, n_head_kv, window, slots):
     """A query's output is the same bits alone (decode) as in a batch (prefill, MTP verify), whatever the
     thread count and however many of a KV group's heads share a work item: speculative decoding relies
     on it to give exactly the tokens plain decoding gives."""
@@ -125,6 +126,11 @@ def test_attention_query_bits_do_not_depend_on_batch_or_threads(simd, n_head, n_
     v = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float16)
     k_pos = np.arange(n_kv, dtype=np.int32)
     q_pos = k_pos[-n_q:] - 3     # the last keys are in every query's future: masked
+    if slots == "ring with empty tail":    # a sliding-window ring not yet full
+        k_pos[-100:] = 2**30
+        q_pos -= 100
+    elif slots == "wrapped ring":          # slot = position mod capacity
+        k_pos = np.roll(k_pos, 77)
     want = None
     for threads in (1, 2, 3):
         with native.threads(threads):

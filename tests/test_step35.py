@@ -168,12 +168,13 @@ def test_moe_one_call_equals_per_expert_products(files, text_ids):
     assert store.counts[moe.il].sum() >= ids.size
 
 
-def _write_without(tmp_path, drop_tensor=None, drop_key=None):
+def _write_without(tmp_path, drop_tensor=None, drop_key=None, set_keys=None):
     cfg = step35_tiny.CONFIGS["mha-mqa"]
     w = step35_tiny.weights(cfg)
     md = step35_tiny.metadata(cfg, 1)
     w.pop(drop_tensor, None)
     md.pop(drop_key, None)
+    md.update(set_keys or {})
     path = tmp_path / "broken.gguf"
     step35_tiny.quant.write_gguf(path, "step35", md, {k: (v, "F16" if v.ndim > 1 else "F32") for k, v in w.items()})
     return path
@@ -190,6 +191,13 @@ def test_missing_tensor_is_named(tmp_path):
 def test_missing_key_is_named(tmp_path, key):
     path = _write_without(tmp_path, drop_key=key)
     with pytest.raises(GGUFError, match=key.replace(".", r"\.")):
+        ggufrun.load(str(path), n_ctx=64)
+
+
+def test_more_experts_used_than_exist_is_named(tmp_path):
+    n_expert = step35_tiny.CONFIGS["mha-mqa"].n_expert
+    path = _write_without(tmp_path, set_keys={"step35.expert_used_count": n_expert + 1})
+    with pytest.raises(GGUFError, match=r"step35\.expert_used_count is \d+, expected 1 to"):
         ggufrun.load(str(path), n_ctx=64)
 
 
