@@ -1,10 +1,11 @@
 """Where a decode step's time goes: native kernels by op class versus the Python driving them.
 
-    python bench/profile.py [-m smollm2-135m] [-n 64] [-t THREADS] [--prompt 32]
+    python bench/profile.py [-m smollm2-135m] [-n 64] [-t THREADS] [--prompt 32] [--prefill 512]
 
 Wraps every native entry point the model calls (ops.Linear and the ops functions) with a timer, decodes
 n tokens one at a time, and prints per-token time by op class and by layer, and the Python overhead:
 wall time minus time inside native calls. Timers cost ~0.3 us a call, which the overhead row includes.
+--prefill N profiles one N-token prompt (n_batch chunks) instead: milliseconds per op class for it.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=0, metavar="N", help="profile an N-token prompt instead")
     a = ap.parse_args()
-    llm = ggufrun.load(a.model, n_threads=a.threads, n_ctx=a.prompt + a.n_gen + 8)
+    llm = ggufrun.load(a.model, n_threads=a.threads, n_ctx=max(a.prompt + a.n_gen, a.prefill) + 8)
     install()
     blocks = llm.model.blocks
     for i, b in enumerate(blocks):  # attribute time to layers
@@ -90,6 +92,21 @@ def main() -> None:
         b.__class__ = type(type(b).__name__, (type(b),), {"__call__": layer_call})
 
     rng = np.random.default_rng(0)
+    if a.prefill:
+        ids = rng.integers(0, llm.model.n_vocab, a.prefill).tolist()
+        llm._eval(ids[:8])                  # warm-up: page in weights, spin up the pool
+        llm.reset()
+        by_op.clear(); calls.clear(); by_layer.clear()
+        t = time.perf_counter()
+        llm._eval(ids)
+        wall = time.perf_counter() - t
+        print(f"{llm.path}: prefill of {a.prefill} tokens, {a.prefill / wall:.1f} tokens/s, {1e3 * wall:.0f} ms")
+        print(f"{'op class':<22} {'ms':>9} {'calls':>7} {'share':>7}")
+        for name, s in sorted(by_op.items(), key=lambda kv: -kv[1]):
+            print(f"{name:<22} {1e3 * s:9.1f} {calls[name]:7d} {100 * s / wall:6.1f}%")
+        py = wall - sum(by_op.values())
+        print(f"{'python (the rest)':<22} {1e3 * py:9.1f} {'':>7} {100 * py / wall:6.1f}%")
+        return
     ids = rng.integers(0, llm.model.n_vocab, a.prompt + a.n_gen).tolist()
     llm._eval(ids[:a.prompt])
     by_op.clear(); calls.clear(); by_layer.clear()
