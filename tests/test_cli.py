@@ -49,6 +49,24 @@ def test_run_greedy_matches_api(smollm2_path):
     assert r.stdout == "The capital of France is" + want + "\n"
 
 
+def test_act_precision_flag(smollm2_path):
+    """--act-precision 1 runs llama.cpp's 8-bit activations: the API's greedy text at that precision, and
+    the bench says which precision its figures were taken at."""
+    import ggufrun
+    from ggufrun import native
+    with native.act_precision(1):
+        want = ggufrun.load(smollm2_path).generate("Once upon a time", max_tokens=16, temperature=0)
+    r = run_cli("run", "-m", smollm2_path, "-p", "Once upon a time", "-n", "16", "--temp", "0", "--act-precision", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Once upon a time" + want + "\n"
+    for p in ("1", "2"):
+        r = run_cli("bench", "-m", smollm2_path, "-p", "8", "-n", "2", "-r", "1", "--json", "--act-precision", p)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["act_precision"] == int(p)
+    r = run_cli("run", "-m", smollm2_path, "-p", "x", "--act-precision", "3")
+    assert r.returncode == 2 and "--act-precision" in r.stderr
+
+
 def test_run_chat_template_and_seeded_sampling(smollm2_path):
     a = run_cli("run", "-m", smollm2_path, "--chat", "-p", "Say hi", "-n", "8", "--temp", "0.9", "--seed", "7")
     b = run_cli("run", "-m", smollm2_path, "--chat", "-p", "Say hi", "-n", "8", "--temp", "0.9", "--seed", "7")
