@@ -406,35 +406,90 @@ static void run_gemm(void *p, int ith, int nth) {
     }
 }
 
-/* Decode: threads claim chunks of rows; each group of gemv_rows rows is multiplied against every
- * token while it is in L1. */
-typedef struct {
-    const gr_gemm_ops *ops;
-    const uint8_t *w;
-    gr_act_panel ap;
-    float *y;
-    int64_t rows, cols, row_stride, n_tok, chunk_rows;
-    int terms;
-    atomic_llong next_chunk;
-} gemv_task;
+/* Decode: threads claim chunks of rows of one or more matrices (gemv_job) that share activations. */
+static int64_t act_panel_ld(int64_t cols) { return (cols / 32 + 8 + 15) & ~(int64_t)15; }
 
-static void run_gemv(void *p, int ith, int nth) {
-    gemv_task *g = p;
-    (void)ith; (void)nth;
-    const int R = g->ops->gemv_rows;
-    float c[16];
-    for (;;) {
-        int64_t r0 = atomic_fetch_add(&g->next_chunk, 1) * g->chunk_rows;
-        if (r0 >= g->rows) return;
-        int64_t r1 = r0 + g->chunk_rows < g->rows ? r0 + g->chunk_rows : g->rows;
+/* One matrix of a batch: rows x cols of qtype at w (packed rows) times activation set ap. */
+typedef struct {
+    const gr_gemm_ops *ops;   /* ops->gemv, or vec_dot/vec_dot2 per row where the type has none */
+    gr_vec_dot_fn dot;
+    gr_vec_dot2_fn dot2;
+    const uint8_t *w;
+    int64_t rows, cols, row_stride;
+    const gr_act_panel *ap;
+    int terms;
+    float *y;                 /* n_tok rows of `rows` floats */
+    int64_t chunk_rows, chunk0, chunk1;  /* its chunks in the batch's numbering: [chunk0, chunk1) */
+} gemv_job;
+
+typedef struct {
+    const gemv_job *jobs;
+    int n_jobs;
+    int64_t n_tok, n_chunks;
+    atomic_llong next_chunk;
+} gemv_batch;
+
+/* Rows [r0, r1) of job g times its activation tokens [a0, a0 + n_tok); token t's outputs at
+ * g->y + t * g->rows. Each group of gemv_rows rows is multiplied against every token while it is in L1. */
+static void gemv_job_rows(const gemv_job *g, int64_t r0, int64_t r1, int64_t a0, int64_t n_tok) {
+    if (g->ops->gemv) {
+        const int R = g->ops->gemv_rows;
+        float c[16];
         for (int64_t r = r0; r < r1; r += R) {
             int nr = r1 - r < R ? (int)(r1 - r) : R;
-            for (int64_t t = 0; t < g->n_tok; t++) {
-                g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, &g->ap, t * g->terms, c);
+            for (int64_t t = 0; t < n_tok; t++) {
+                g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap,
+                             (a0 + t) * g->terms, c);
                 for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
             }
         }
+        return;
     }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = g->w + r * g->row_stride;
+        for (int64_t t = 0; t < n_tok; t++)
+            g->y[t * g->rows + r] = dot_act_row(g->dot, g->dot2, g->terms, g->cols, wr,
+                                                g->ap->act + (a0 + t) * g->terms * g->ap->act_row_bytes,
+                                                g->ap->act_row_bytes);
+    }
+}
+
+static void run_gemv_batch(void *p, int ith, int nth) {
+    gemv_batch *b = p;
+    (void)ith; (void)nth;
+    int j = 0;
+    for (;;) {
+        const int64_t ch = atomic_fetch_add(&b->next_chunk, 1);
+        if (ch >= b->n_chunks) return;
+        while (ch >= b->jobs[j].chunk1) j++;  /* a thread's claims only grow, so j only moves forward */
+        const gemv_job *g = &b->jobs[j];
+        const int64_t r0 = (ch - g->chunk0) * g->chunk_rows;
+        gemv_job_rows(g, r0, r0 + g->chunk_rows < g->rows ? r0 + g->chunk_rows : g->rows, 0, b->n_tok);
+    }
+}
+
+/* Fill job j's kernel fields and chunking for a pool of `parallel` threads; returns its chunk count. */
+static int64_t gemv_job_init(const gr_kernels *k, gemv_job *g, int qtype, const void *w, int64_t rows, int64_t cols,
+                             const gr_act_panel *ap, int terms, float *y, int parallel, int64_t chunk0) {
+    g->ops = &k->gemm[qtype];
+    g->dot = k->vec_dot[qtype];
+    g->dot2 = k->vec_dot2[qtype];
+    g->w = w;
+    g->rows = rows; g->cols = cols; g->row_stride = row_bytes(qtype, cols);
+    g->ap = ap; g->terms = terms; g->y = y;
+    int64_t chunk = rows / ((int64_t)parallel * 8);
+    if (g->ops->gemv) { chunk = chunk < 16 ? 16 : chunk; chunk = (chunk + 7) & ~(int64_t)7; }
+    else chunk = chunk < 4 ? 4 : chunk;
+    g->chunk_rows = chunk;
+    g->chunk0 = chunk0;
+    g->chunk1 = chunk0 + (rows + chunk - 1) / chunk;
+    return g->chunk1 - chunk0;
+}
+
+static void gemv_batch_run(const gemv_job *jobs, int n_jobs, int64_t n_tok, int parallel) {
+    gemv_batch b = {jobs, n_jobs, n_tok, jobs[n_jobs - 1].chunk1, 0};
+    atomic_init(&b.next_chunk, 0);
+    gr_pool_run_dynamic(run_gemv_batch, &b, parallel);
 }
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -485,7 +540,7 @@ static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, i
         act_bytes = align64((size_t)(act_row_bytes * n_act));
     }
     if ((tiled || use_gemv) && (act_type == GR_T_Q8_0 || act_type == GR_T_Q8_1)) {
-        panel_ld = (cols / 32 + 8 + 15) & ~(int64_t)15;
+        panel_ld = act_panel_ld(cols);
         panel_arrays = align64((size_t)n_act * (size_t)panel_ld * sizeof(float));
     }
     int64_t k_chunk = cols, unit_acts = 0;
@@ -548,18 +603,11 @@ static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, i
         return GR_OK;
     }
     if (use_gemv) {
-        gemv_task g = {0};
-        g.ops = ops;
-        g.w = w;
-        g.ap.act = act; g.ap.act_row_bytes = act_row_bytes;
-        g.ap.d = panel_d; g.ap.s = panel_s; g.ap.ld = panel_ld;
-        g.y = y;
-        g.rows = rows; g.cols = cols; g.row_stride = row_stride; g.n_tok = n_tok; g.terms = terms;
-        int64_t chunk = rows / ((int64_t)parallel * 8);
-        chunk = chunk < 16 ? 16 : chunk;
-        g.chunk_rows = (chunk + 7) & ~(int64_t)7;
-        atomic_init(&g.next_chunk, 0);
-        gr_pool_run_dynamic(run_gemv, &g, parallel);
+        const gr_act_panel ap = {act, act_row_bytes, panel_d, panel_s, panel_ld};
+        gemv_job job;
+        gemv_job_init(k, &job, qtype, w, rows, cols, &ap, terms, y, parallel, 0);
+        job.row_stride = row_stride;   /* gr_matmul's rows may be further apart than packed */
+        gemv_batch_run(&job, 1, n_tok, parallel);
         return GR_OK;
     }
 
@@ -596,8 +644,6 @@ typedef struct {
     gr_act_panel ap;   /* filled by acts_prepare */
 } act_set;
 
-static int64_t act_panel_ld(int64_t cols) { return (cols / 32 + 8 + 15) & ~(int64_t)15; }
-
 static size_t act_set_bytes(const act_set *a, int64_t n_tok) {
     if (a->act_type == GR_T_F32) return 0;
     size_t n = align64((size_t)(row_bytes(a->act_type, a->cols) * n_tok * a->terms));
@@ -633,83 +679,6 @@ static void acts_prepare(const gr_kernels *k, act_set *sets, int n_sets, int64_t
         a->ap = (gr_act_panel){buf, rb, pd, ps, ld};
         buf += act_set_bytes(a, n_tok);
     }
-}
-
-/* One matrix of a batch: rows x cols of qtype at w (packed rows) times activation set ap. */
-typedef struct {
-    const gr_gemm_ops *ops;   /* ops->gemv, or vec_dot/vec_dot2 per row where the type has none */
-    gr_vec_dot_fn dot;
-    gr_vec_dot2_fn dot2;
-    const uint8_t *w;
-    int64_t rows, cols, row_stride;
-    const gr_act_panel *ap;
-    int terms;
-    float *y;                 /* n_tok rows of `rows` floats */
-    int64_t chunk_rows, chunk0, chunk1;  /* its chunks in the batch's numbering: [chunk0, chunk1) */
-} gemv_job;
-
-typedef struct {
-    const gemv_job *jobs;
-    int n_jobs;
-    int64_t n_tok, n_chunks;
-    atomic_llong next_chunk;
-} gemv_batch;
-
-static void run_gemv_batch(void *p, int ith, int nth) {
-    gemv_batch *b = p;
-    (void)ith; (void)nth;
-    float c[16];
-    int j = 0;
-    for (;;) {
-        const int64_t ch = atomic_fetch_add(&b->next_chunk, 1);
-        if (ch >= b->n_chunks) return;
-        while (ch >= b->jobs[j].chunk1) j++;  /* a thread's claims only grow, so j only moves forward */
-        const gemv_job *g = &b->jobs[j];
-        const int64_t r0 = (ch - g->chunk0) * g->chunk_rows;
-        const int64_t r1 = r0 + g->chunk_rows < g->rows ? r0 + g->chunk_rows : g->rows;
-        if (g->ops->gemv) {
-            const int R = g->ops->gemv_rows;
-            for (int64_t r = r0; r < r1; r += R) {
-                int nr = r1 - r < R ? (int)(r1 - r) : R;
-                for (int64_t t = 0; t < b->n_tok; t++) {
-                    g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap, t * g->terms, c);
-                    for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
-                }
-            }
-            continue;
-        }
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *wr = g->w + r * g->row_stride;
-            for (int64_t t = 0; t < b->n_tok; t++)
-                g->y[t * g->rows + r] = dot_act_row(g->dot, g->dot2, g->terms, g->cols, wr,
-                                                    g->ap->act + t * g->terms * g->ap->act_row_bytes,
-                                                    g->ap->act_row_bytes);
-        }
-    }
-}
-
-/* Fill job j's kernel fields and chunking for a pool of `parallel` threads; returns its chunk count. */
-static int64_t gemv_job_init(const gr_kernels *k, gemv_job *g, int qtype, const void *w, int64_t rows, int64_t cols,
-                             const gr_act_panel *ap, int terms, float *y, int parallel, int64_t chunk0) {
-    g->ops = &k->gemm[qtype];
-    g->dot = k->vec_dot[qtype];
-    g->dot2 = k->vec_dot2[qtype];
-    g->w = w;
-    g->rows = rows; g->cols = cols; g->row_stride = row_bytes(qtype, cols);
-    g->ap = ap; g->terms = terms; g->y = y;
-    int64_t chunk = rows / ((int64_t)parallel * 8);
-    if (g->ops->gemv) { chunk = chunk < 16 ? 16 : chunk; chunk = (chunk + 7) & ~(int64_t)7; }
-    else chunk = chunk < 4 ? 4 : chunk;
-    g->chunk_rows = chunk;
-    g->chunk0 = chunk0;
-    g->chunk1 = chunk0 + (rows + chunk - 1) / chunk;
-    return g->chunk1 - chunk0;
-}
-
-static void gemv_batch_run(const gemv_job *jobs, int n_jobs, int64_t n_tok, int parallel) {
-    gemv_batch b = {jobs, n_jobs, n_tok, jobs[n_jobs - 1].chunk1, 0};
-    atomic_init(&b.next_chunk, 0);
-    gr_pool_run_dynamic(run_gemv_batch, &b, parallel);
 }
 
 /* The batched path is for decode: as many activation rows as gr_matmul would give its gemv kernels. */
@@ -1002,25 +971,7 @@ static void run_few(void *p, int ith, int nth) {
             }
             continue;
         }
-        if (g->ops->gemv) {  /* as run_gemv */
-            const int R = g->ops->gemv_rows;
-            for (int64_t r = r0; r < r1; r += R) {
-                int nr = r1 - r < R ? (int)(r1 - r) : R;
-                for (int64_t t = 0; t < fj->n; t++) {
-                    g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap,
-                                 (fj->a0 + t) * g->terms, c);
-                    for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
-                }
-            }
-            continue;
-        }
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *wr = g->w + r * g->row_stride;
-            for (int64_t t = 0; t < fj->n; t++)
-                g->y[t * g->rows + r] = dot_act_row(g->dot, g->dot2, g->terms, g->cols, wr,
-                                                    g->ap->act + (fj->a0 + t) * g->terms * g->ap->act_row_bytes,
-                                                    g->ap->act_row_bytes);
-        }
+        gemv_job_rows(g, r0, r1, fj->a0, fj->n);
     }
 }
 
