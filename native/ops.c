@@ -366,7 +366,7 @@ static int64_t first_at_least(const int32_t *a, int64_t n, int64_t v) {
 __attribute__((target("avx2,fma,f16c")))
 static void run_attention_tiled(void *p, int ith, int nth) {
     tiled_task *tt = p;
-    const attn_task *a = &tt->t;
+    attn_task *a = &tt->t;
     (void)nth;
     const int64_t group = a->n_head / a->n_head_kv, nr = tt->nr, qb = tt->qb, dk = a->dk, dv = a->dv;
     const int64_t per_group = group / nr, n_qblk = (a->n_q + qb - 1) / qb;
@@ -376,7 +376,7 @@ static void run_attention_tiled(void *p, int ith, int nth) {
     float *sc = o + qb * nr * dv;                                     /* rows x (keys of the range) */
     float inv[qb * nr];
     __m256 mx[qb * nr];
-    for (int64_t item; (item = atomic_fetch_add((atomic_llong *)&a->next_item, 1)) < n_items;) {
+    for (int64_t item; (item = atomic_fetch_add(&a->next_item, 1)) < n_items;) {
         const int64_t ib = item / (a->n_head_kv * per_group), rest = item % (a->n_head_kv * per_group);
         const int64_t hk = rest / per_group, h0 = hk * group + (rest % per_group) * nr;
         const int64_t i0 = ib * qb, nq = a->n_q - i0 < qb ? a->n_q - i0 : qb, rows = nq * nr;
@@ -525,25 +525,23 @@ int gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int
     pthread_mutex_lock(&ops_mutex);
     /* below a few hundred thousand multiply-adds a pool wake-up costs more than it saves */
     const double work = (double)n_q * (double)n_head * (double)n_kv * (double)(dk + dv);
-#ifdef GR_X86
-    if (attn_tiled && dk % 8 == 0 && dv % 8 == 0) {
-        attn_task t = {q, k, v, q_pos, k_pos, out, n_q, n_head, n_head_kv, n_kv, dk, dv,
-                       n_head_kv * dk, n_head_kv * dv, scale, softcap, window, gate, NULL, 0};
-        const int rc = attention_tiled(&t, work >= 2e5 ? gr_pool_threads() : 1);
-        pthread_mutex_unlock(&ops_mutex);
-        return rc;
-    }
-#endif
-    const int nth = gr_pool_threads();
-    const size_t per_thread = (size_t)(dv + n_kv);
-    float *scratch = malloc(sizeof(float) * per_thread * (size_t)nth);
-    if (!scratch) { pthread_mutex_unlock(&ops_mutex); return GR_E_NOMEM; }
+    const int nth = work >= 2e5 ? gr_pool_threads() : 1;
     attn_task a = {q, k, v, q_pos, k_pos, out, n_q, n_head, n_head_kv, n_kv, dk, dv,
-                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, gate, scratch, 0};
+                   n_head_kv * dk, n_head_kv * dv, scale, softcap, window, gate, NULL, 0};
     atomic_init(&a.next_item, 0);
-    /* claimed work: a worker descheduled by another process is skipped, not waited for */
-    gr_pool_run_dynamic(run_attention, &a, work >= 2e5 ? nth : 1);
-    free(scratch);
+    int rc = GR_OK;
+#ifdef GR_X86
+    if (attn_tiled && dk % 8 == 0 && dv % 8 == 0)
+        rc = attention_tiled(&a, nth);
+    else
+#endif
+    if (!(a.scratch = malloc(sizeof(float) * (size_t)(dv + n_kv) * (size_t)nth))) {
+        rc = GR_E_NOMEM;
+    } else {
+        /* claimed work: a worker descheduled by another process is skipped, not waited for */
+        gr_pool_run_dynamic(run_attention, &a, nth);
+        free(a.scratch);
+    }
     pthread_mutex_unlock(&ops_mutex);
-    return GR_OK;
+    return rc;
 }
