@@ -213,8 +213,10 @@ def test_moe_route_ties_go_to_the_lower_id_and_nan_ranks_last():
     assert ids[0].tolist() == [1, 4, 0]
     assert ids[1].tolist() == [1, 2, 3]
     assert np.isfinite(w).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="moe_route: .*size"):
         route(logits, 7, 2)          # more experts asked for than there are
+    with pytest.raises(ValueError, match="moe_route: .*argument"):
+        route(logits, 3, 3)          # a gating function that is neither softmax (1) nor sigmoid (2)
 
 
 @pytest.mark.parametrize("n_q", [1, 5])
