@@ -192,17 +192,18 @@ typedef struct {
     int64_t ld;
 } gr_act_panel;
 
+#define GR_GEMV_ACTS 4   /* activation rows one gemv call takes */
+
 typedef struct {
     int tile_rows, tile_acts;   /* the full tile; tile_acts is even (both terms of a token in one tile) */
     size_t (*panel_bytes)(int64_t cols);
     void (*pack)(const uint8_t *w, int64_t row_stride, int nrows, int64_t cols, void *panel);
     /* c[i * nacts + j] = dot(panel row i, act row a0 + j) for i < nrows <= tile_rows, j < nacts <= tile_acts */
     void (*tile)(int nrows, int nacts, int64_t cols, const void *panel, const gr_act_panel *a, int64_t a0, float *c);
-    /* Decode (few activation rows), weights read in place, gemv_rows rows per call:
-     * c[i] = sum over j < terms (1 or 2) of dot(row i, act row a0 + j), row i at w + i * row_stride. */
-    int gemv_rows;
-    void (*gemv)(int nrows, int terms, int64_t cols, const uint8_t *w, int64_t row_stride, const gr_act_panel *a,
-                 int64_t a0, float *c);
+    /* Decode (a few tokens), weights read in place, one row per call: c[t] = sum over j < terms (1 or 2)
+     * of dot(the row at w, act row a0 + t * terms + j), t < ntok, ntok * terms <= GR_GEMV_ACTS. A token's
+     * result does not depend on ntok: batches that take these kernels give token-by-token bits. */
+    void (*gemv)(int ntok, int terms, int64_t cols, const uint8_t *w, const gr_act_panel *a, int64_t a0, float *c);
 } gr_gemm_ops;
 
 typedef struct {

@@ -315,11 +315,15 @@ static void run_matmul(void *p, int ith, int nth) {
 
 /* ---------------------------------------------------------------- tiled matmul (prefill) */
 
-/* The tiled path needs this many activation rows (tokens x terms) to beat the decode kernels (gemv):
- * below it, packing a panel costs more than the tiles save. */
-#ifndef GEMM_MIN_ACTS
-#define GEMM_MIN_ACTS 4
+/* Batches of up to this many tokens take the decode kernels (gemv), more take the register tiles. A
+ * gemv call unpacks each weight block once for all its tokens, and a token's bits do not depend on the
+ * others: so an MTP verify (the sampled token and up to 3 drafts) gives exactly the logits decoding one
+ * token at a time would, and its greedy output is the plain loop's at either act precision. Up to 4
+ * tokens, a gemv pass also costs about what packing panels would. */
+#ifndef GEMV_MAX_TOKENS
+#define GEMV_MAX_TOKENS 4
 #endif
+static int use_tiles(const gr_gemm_ops *ops, int64_t n_tok) { return ops->tile && n_tok > GEMV_MAX_TOKENS; }
 /* Activation rows of one work unit: as many as fit this budget (they are reread for every panel). */
 #define GEMM_ACT_BUDGET (192 * 1024)
 /* Columns are split into chunks of this many elements (a multiple of every block size) when there are
@@ -430,17 +434,16 @@ typedef struct {
 } gemv_batch;
 
 /* Rows [r0, r1) of job g times its activation tokens [a0, a0 + n_tok); token t's outputs at
- * g->y + t * g->rows. Each group of gemv_rows rows is multiplied against every token while it is in L1. */
+ * g->y + t * g->rows. Each row is multiplied against every token while it is in L1. */
 static void gemv_job_rows(const gemv_job *g, int64_t r0, int64_t r1, int64_t a0, int64_t n_tok) {
     if (g->ops->gemv) {
-        const int R = g->ops->gemv_rows;
-        float c[16];
-        for (int64_t r = r0; r < r1; r += R) {
-            int nr = r1 - r < R ? (int)(r1 - r) : R;
-            for (int64_t t = 0; t < n_tok; t++) {
-                g->ops->gemv(nr, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap,
-                             (a0 + t) * g->terms, c);
-                for (int i = 0; i < nr; i++) g->y[t * g->rows + r + i] = c[i];
+        const int64_t step = GR_GEMV_ACTS / g->terms;
+        float c[GR_GEMV_ACTS];
+        for (int64_t r = r0; r < r1; r++) {
+            for (int64_t t = 0; t < n_tok; t += step) {
+                const int nt = n_tok - t < step ? (int)(n_tok - t) : (int)step;
+                g->ops->gemv(nt, g->terms, g->cols, g->w + r * g->row_stride, g->ap, (a0 + t) * g->terms, c);
+                for (int i = 0; i < nt; i++) g->y[(t + i) * g->rows + r] = c[i];
             }
         }
         return;
@@ -529,7 +532,7 @@ static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, i
     int terms = act_type == GR_T_F32 ? 1 : act_precision;
     int64_t n_act = n_tok * terms;
     const gr_gemm_ops *ops = &k->gemm[qtype];
-    int tiled = ops->tile && n_act >= GEMM_MIN_ACTS;
+    int tiled = use_tiles(ops, n_tok);
     int use_gemv = !tiled && ops->gemv;
     const uint8_t *act;
     int64_t act_row_bytes = cols * 4;
@@ -681,10 +684,9 @@ static void acts_prepare(const gr_kernels *k, act_set *sets, int n_sets, int64_t
     }
 }
 
-/* The batched path is for decode: as many activation rows as gr_matmul would give its gemv kernels. */
+/* The batched path is for decode: as many tokens as gr_matmul would give its gemv kernels. */
 static int is_decode(int qtype, int64_t n_tok) {
-    int terms = gr_act_type(qtype) == GR_T_F32 ? 1 : act_precision;
-    return !(tables[isa_current].gemm[qtype].tile && n_tok * terms >= GEMM_MIN_ACTS);
+    return !use_tiles(&tables[isa_current].gemm[qtype], n_tok);
 }
 
 /* Intermediate floats of the fused calls (normed input, gate/up/down outputs), apart from the
@@ -916,7 +918,7 @@ int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok
  * pair's x row is quantized in one go, the gate and up rows of every distinct expert run in one pool
  * pass (each expert's bytes read once, for all the tokens that chose it), then the clamped SwiGLU, one
  * quantization of its rows, and every down in a second pass. Each product takes the kernels gr_matmul
- * would pick for its expert's group (register tiles from GEMM_MIN_ACTS activation rows, decode
+ * would pick for its expert's group (register tiles above GEMV_MAX_TOKENS tokens, decode
  * kernels below), on the same activation bytes, and tile lanes and gemv rows do not depend on what
  * else is in the pass, so the result is the per-expert path's, bit for bit. */
 
@@ -981,7 +983,7 @@ static int64_t few_job_init(const gr_kernels *k, few_job *f, int qtype, const vo
                             int64_t chunk0) {
     gemv_job_init(k, &f->j, qtype, w, rows, cols, ap, terms, y, parallel, chunk0);
     f->a0 = a0; f->n = n;
-    f->tiled = k->gemm[qtype].tile && n * terms >= GEMM_MIN_ACTS;  /* matmul_locked's choice for n tokens */
+    f->tiled = use_tiles(&k->gemm[qtype], n);  /* matmul_locked's choice for n tokens */
     if (f->tiled) {
         const int64_t R = k->gemm[qtype].tile_rows;
         int64_t chunk = rows / ((int64_t)parallel * 8);

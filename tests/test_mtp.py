@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
 import ggufrun  # noqa: E402
+from ggufrun import native  # noqa: E402
 import quant  # noqa: E402
 import step35_tiny  # noqa: E402
 from ggufrun.mtp import (DraftController, ExpertReads, MTPStats, expected_tokens,  # noqa: E402
@@ -206,6 +207,33 @@ def test_greedy_output_identical_with_mtp(llms, model):
             assert llm.tokens == ref_tokens and llm.cache.n_past == len(ref_tokens)
             if model == "echo":
                 assert st.mtp.accepted[0] > 0, st.mtp.summary()
+
+
+def prefilled(model, prompt, max_batch=8):
+    cache = model.new_cache(128, max_batch)
+    for i in range(0, len(prompt), max_batch):
+        model.forward(prompt[i:i + max_batch], cache)
+    return cache
+
+
+@pytest.mark.parametrize("base,q", [("gqa", "Q8_0"), ("wide-swa", "Q4_K_M")])
+def test_verify_batch_logits_equal_token_by_token_bit_for_bit(tmp_path, base, q):
+    """A verify batch (the sampled token and up to 3 drafts) takes the decode kernels, a few tokens a
+    call, and every other op of the trunk treats rows alone: at either act precision its logits are
+    exactly those of its tokens decoded one at a time, so greedy MTP output cannot part from the plain
+    loop's even at a near-tie (quantized files: the F32 ones above take no integer kernels)."""
+    llm = ggufrun.load(step35_tiny.write(step35_tiny.CONFIGS[base], q, tmp_path / f"{base}-{q}.gguf"), n_threads=2)
+    m = llm.model
+    prompt = llm.tokenize(PROMPTS[1] * 3)   # past the sliding window: the ring has wrapped
+    batch = [5, 17, 99, 3]
+    for precision in (1, 2):
+        with native.act_precision(precision):
+            for n in (2, 3, 4):
+                cache = prefilled(m, prompt)
+                together = m.forward(batch[:n], cache, all_logits=True)
+                cache = prefilled(m, prompt)
+                one_by_one = np.concatenate([m.forward([t], cache) for t in batch[:n]])
+                np.testing.assert_array_equal(together, one_by_one, err_msg=f"precision {precision}, {n} tokens")
 
 
 def test_echo_file_accepts_and_steps_advance_several_tokens(llms):

@@ -118,22 +118,23 @@ int main(void) {
                             failures++;
                         }
             }
-            /* gemv: each token with one term and with both */
-            for (int rr = 0; rr < nr; rr += g->gemv_rows) {
-                int n = nr - rr < g->gemv_rows ? nr - rr : g->gemv_rows;
-                for (int tok = 0; tok < N_TOK; tok++)
-                    for (int terms = 1; terms <= 2; terms++) {
-                        g->gemv(n, terms, COLS, wr + rr * rb, rb, &ap, 2 * tok, c);
-                        for (int i = 0; i < n; i++) {
-                            float want = ref[rr + i][2 * tok] + (terms == 2 ? ref[rr + i][2 * tok + 1] : 0.f);
-                            float tol = 1e-5f * (mag[rr + i][2 * tok] + (terms == 2 ? mag[rr + i][2 * tok + 1] : 0.f));
-                            if (!(fabsf(c[i] - want) <= tol)) {
-                                printf("type %d gemv row %d token %d terms %d: %g vs scalar %g\n", t, r0 + rr + i, tok, terms, c[i], want);
-                                failures++;
+            /* gemv: one row against 1..GR_GEMV_ACTS / terms tokens of one term and of both */
+            for (int i = 0; i < nr; i++)
+                for (int terms = 1; terms <= 2; terms++)
+                    for (int ntok = 1; ntok * terms <= GR_GEMV_ACTS; ntok++)
+                        for (int a0 = 0; a0 + ntok * terms <= 2 * N_TOK; a0 += terms) {
+                            g->gemv(ntok, terms, COLS, wr + i * rb, &ap, a0, c);
+                            for (int tok = 0; tok < ntok; tok++) {
+                                const int a = a0 + tok * terms;
+                                float want = ref[i][a] + (terms == 2 ? ref[i][a + 1] : 0.f);
+                                float tol = 1e-5f * (mag[i][a] + (terms == 2 ? mag[i][a + 1] : 0.f));
+                                if (!(fabsf(c[tok] - want) <= tol)) {
+                                    printf("type %d gemv row %d act %d of %d tokens, terms %d: %g vs scalar %g\n", t,
+                                           r0 + i, a, ntok, terms, c[tok], want);
+                                    failures++;
+                                }
                             }
                         }
-                    }
-            }
         }
         free(panel); free(act); free(pd); free(ps);
     }
