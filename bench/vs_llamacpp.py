@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--act-precision", type=int, choices=(1, 2), default=None,
-                    help="ggufrun's activation precision (default: its own, 2); llama.cpp's is always 1")
+                    help="ggufrun's activation precision (default: its own, 1); llama.cpp's is always 1")
     ap.add_argument("--json", help="also write the raw results here")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE.parent))

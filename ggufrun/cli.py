@@ -16,10 +16,10 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens")
     p.add_argument("--act-precision", type=int, choices=(1, 2), default=None,
-                   help="activation terms per quantized product: 2 (default) adds the 8-bit rounding residual"
-                        " as a second term (~100x less activation error; batched and token-by-token results"
-                        " agree to ~1e-6 KL); 1 rounds to 8 bits as llama.cpp does: faster where products are"
-                        " compute bound, as noisy as llama.cpp (env GGUFRUN_ACT_PRECISION)")
+                   help="activation terms per quantized product: 1 (default) rounds to 8 bits as llama.cpp"
+                        " does; 2 adds the rounding residual as a second term (~100x less activation error,"
+                        " batched and token-by-token results within ~1e-6 KL), slower where products are"
+                        " compute bound (env GGUFRUN_ACT_PRECISION)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temp: float) -> None:

@@ -310,9 +310,9 @@ def matmul(w_bytes, qtype, rows: int, cols: int, x: np.ndarray, out: np.ndarray 
 def set_act_precision(p: int) -> None:
     """How many terms carry matmul activations (process-wide):
 
-    1: one term, quantized exactly as llama.cpp's CPU backend does (Q8_0/Q8_1/Q8_K/F16/BF16), so results
-       match llama.cpp to float rounding, including its activation quantization error.
-    2: two terms (the default): the residual x - q1 of the first quantization is quantized again and
+    1: one term (the default), quantized exactly as llama.cpp's CPU backend does (Q8_0/Q8_1/Q8_K/F16/BF16),
+       so results match llama.cpp to float rounding, including its activation quantization error.
+    2: two terms: the residual x - q1 of the first quantization is quantized again and
        both are multiplied through the same integer kernels in one pass over the weights; the
        activation error is ~100x smaller for twice the integer work.
 

@@ -22,7 +22,7 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static gr_kernels tables[4];
 static int isa_mask;
 static int isa_current;
-static int act_precision = 2;  /* gr_set_act_precision; guarded by api_mutex */
+static int act_precision = 1;  /* gr_set_act_precision (llama.cpp's numerics by default); guarded by api_mutex */
 
 static void detect_isas(void) {
     gr_kernels_init_scalar(&tables[GR_ISA_SCALAR]);

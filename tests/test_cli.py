@@ -50,13 +50,13 @@ def test_run_greedy_matches_api(smollm2_path):
 
 
 def test_act_precision_flag(smollm2_path):
-    """--act-precision 1 runs llama.cpp's 8-bit activations: the API's greedy text at that precision, and
-    the bench says which precision its figures were taken at."""
+    """--act-precision 2 runs two-term activations: the API's greedy text at that precision, and the
+    bench says which precision its figures were taken at."""
     import ggufrun
     from ggufrun import native
-    with native.act_precision(1):
+    with native.act_precision(2):
         want = ggufrun.load(smollm2_path).generate("Once upon a time", max_tokens=16, temperature=0)
-    r = run_cli("run", "-m", smollm2_path, "-p", "Once upon a time", "-n", "16", "--temp", "0", "--act-precision", "1")
+    r = run_cli("run", "-m", smollm2_path, "-p", "Once upon a time", "-n", "16", "--temp", "0", "--act-precision", "2")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "Once upon a time" + want + "\n"
     for p in ("1", "2"):

@@ -726,7 +726,8 @@ def test_act_precision_default_and_environment_variable():
         if value is not None:
             env["GGUFRUN_ACT_PRECISION"] = value
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
-    assert run(None).stdout.strip() == "2"
+    assert run(None).stdout.strip() == "1"
+    assert run("2").stdout.strip() == "2"
     assert run("1").stdout.strip() == "1"
     assert run(" 2 ").stdout.strip() == "2"
     bad = run("3")

@@ -33,7 +33,16 @@ import ggufrun  # noqa: E402
 import reference  # noqa: E402
 import reference_step35  # noqa: E402
 import step35_tiny  # noqa: E402
+from ggufrun import native  # noqa: E402
 from ggufrun.gguf_file import GGUFError  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_term_activations():
+    """The parity bounds below are act precision 2's (ggufrun ~exact, so its distance to llama.cpp is
+    llama.cpp's rounding); the default, 1, rounds activations as llama.cpp does."""
+    with native.act_precision(2):
+        yield
 
 N_POS = 112          # >= 3 windows for every config (windows 16..32)
 N_GREEDY = 64
