@@ -49,25 +49,21 @@ class KVCache:
             raise ContextFullError(f"context is full: {self.n_past} tokens cached + {n_new} new exceeds"
                                    f" n_ctx={self.n_ctx}")
 
-    def store(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
-        """Write the new keys/values of `layer`; return (keys, values, key_positions) to attend over."""
-        cap = self.k[layer].shape[0]
-        n = len(positions)
+    def slots(self, layer: int, positions: np.ndarray):
+        """Where the keys and values of `positions` (int32) go in `layer` and what the batch attends over
+        once they are there: (slots, (k, v, pos) arrays to write rows `slots` of, (keys, values,
+        key_positions) views). The write is the caller's native call (ops.qk_norm_rope's store)."""
         if self.ring[layer]:
-            if n > self.max_batch:
-                raise ValueError(f"batch of {n} exceeds the cache's max_batch {self.max_batch}")
-            slots = positions % cap
+            if len(positions) > self.max_batch:
+                raise ValueError(f"batch of {len(positions)} exceeds the cache's max_batch {self.max_batch}")
+            slots = positions % np.int32(self.k[layer].shape[0])
         else:
             slots = positions
-        if n == 1 or (np.diff(slots) == 1).all():  # consecutive slots (all but a ring's wrap): a plain copy
-            slots = slice(int(slots[0]), int(slots[0]) + n)
-        self.k[layer][slots] = k
-        self.v[layer][slots] = v
-        self.pos[layer][slots] = positions
+        k, v, pos = self.k[layer], self.v[layer], self.pos[layer]
         if self.ring[layer]:
-            return self.k[layer], self.v[layer], self.pos[layer]
+            return slots, (k, v, pos), (k, v, pos)
         end = int(positions[-1]) + 1
-        return self.k[layer][:end], self.v[layer][:end], self.pos[layer][:end]
+        return slots, (k, v, pos), (k[:end], v[:end], pos[:end])
 
     def truncate(self, n: int) -> None:
         """Forget positions >= n (rollback of rejected speculative tokens, or /reset with n=0)."""

@@ -65,9 +65,11 @@ class Attention:
         self.proj = LinearGroup([self.wq, self.wk, self.wv, *extra])
         self._rows = sum(lin.rows for lin in self.proj.linears)
 
-    def qkv(self, x: np.ndarray, positions: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0):
-        """Projected, normed and rotated queries and keys, and values, shaped per head, then the outputs
-        of the extra projections. `norm`: the block's input RMS norm, folded into the projection call."""
+    def qkv(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int, norm: np.ndarray | None = None,
+            eps: float = 0.0):
+        """Projected, normed and rotated queries shaped per head, the keys and values to attend over (this
+        batch's stored in `cache` first), and the outputs of the extra projections. `norm`: the block's
+        input RMS norm, folded into the projection call."""
         c, n = self.cfg, x.shape[0]
         buf = np.empty(n * self._rows, dtype=np.float32)
         q, k, v, *extra = self.proj(x, norm, eps, out=buf)
@@ -80,15 +82,15 @@ class Attention:
         r = c.rope
         q = q.reshape(n, c.n_head, c.head_dim_k)
         k = k.reshape(n, c.n_head_kv, c.head_dim_k)
-        # q and k are views of buf: normed (gemma3, step35) and rotated in place, in one call
+        # q and k are views of buf: normed (gemma3, step35), rotated in place and stored with v, in one call
+        slots, arrays, attend = cache.slots(layer, positions)
         qk_norm_rope(q, k, positions, self.q_norm, self.k_norm, c.norm_eps, r.n_rot, r.base, r.mode, r.freq_scale,
-                     self.freq_factors)
-        return (q, k, v.reshape(n, c.n_head_kv, c.head_dim_v), *extra)
+                     self.freq_factors, (v.reshape(n, c.n_head_kv, c.head_dim_v), slots, *arrays))
+        return (q, *attend, *extra)
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int,
                  norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
-        q, k, v = self.qkv(x, positions, norm, eps)
-        keys, values, key_pos = cache.store(layer, positions, k, v)
+        q, keys, values, key_pos = self.qkv(x, positions, cache, layer, norm, eps)
         return self.wo(attention(q, keys, values, positions, key_pos, self.cfg.scale, self.cfg.window))
 
 

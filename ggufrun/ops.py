@@ -151,14 +151,27 @@ def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, mode: in
 
 def qk_norm_rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, q_norm: np.ndarray | None,
                  k_norm: np.ndarray | None, eps: float, n_rot: int, base: float, mode: int, freq_scale: float = 1.0,
-                 freq_factors: np.ndarray | None = None) -> None:
+                 freq_factors: np.ndarray | None = None, store: tuple | None = None) -> None:
     """In place on contiguous q (n, n_head, head_dim) and k (n, n_head_kv, head_dim): per-head RMS norms
-    (None: none), then rope; one native call, the same bits as rms_norm and rope in turn."""
+    (None: none), then rope; one native call, the same bits as rms_norm and rope in turn. store: None, or
+    (v, slots, k_cache, v_cache, pos_cache) to write the keys, v (n, n_head_kv, head_dim_v) and positions
+    into rows `slots` of a layer's cache arrays (KVCache.slots) in the same call."""
     n, n_head, head_dim = q.shape
+    if store is None:
+        v = slots = kc = vc = pc = _ffi.NULL
+        dv = 0
+    else:
+        v_arr, slots_arr, kc_arr, vc_arr, pc_arr = store
+        dv = v_arr.shape[-1]
+        v, slots = _f32(v_arr), _from_buffer(_INT32S, slots_arr, False)
+        kc = _from_buffer(_UINT16S, kc_arr.view(np.uint16), True)
+        vc = _from_buffer(_UINT16S, vc_arr.view(np.uint16), True)
+        pc = _from_buffer(_INT32S, pc_arr, True)
     _check(_lib.gr_qk_norm_rope(_f32(q), _f32(k), _from_buffer(_INT32S, positions, False), n, n_head, k.shape[1],
                                 head_dim, _ffi.NULL if q_norm is None else _f32(q_norm),
                                 _ffi.NULL if k_norm is None else _f32(k_norm), eps, n_rot, mode, base, freq_scale,
-                                _ffi.NULL if freq_factors is None else _f32(freq_factors)), "qk_norm_rope")
+                                _ffi.NULL if freq_factors is None else _f32(freq_factors), v, dv, slots, kc, vc, pc),
+           "qk_norm_rope")
 
 
 def glu(gate: np.ndarray, up: np.ndarray, act: int, clamp: float = 0.0) -> np.ndarray:

@@ -107,10 +107,13 @@ int  gr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_
              int mode, float base, float freq_scale, const float *freq_factors);
 /* q (n_tok, n_head, head_dim) and k (n_tok, n_head_kv, head_dim) in place: each head RMS-normed with q_norm /
  * k_norm (head_dim weights; NULL: no norm) as gr_rms_norm, then rotated as gr_rope; the same bits as those
- * calls one by one. */
+ * calls one by one. With slots (else NULL), token t's key, its value v[t] (n_head_kv x head_dim_v) and
+ * pos[t] are then stored at row slots[t] of the float16 caches k_cache, v_cache and of pos_cache
+ * (rounded to nearest even). */
 int  gr_qk_norm_rope(float *q, float *k, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t n_head_kv,
                      int64_t head_dim, const float *q_norm, const float *k_norm, float eps, int n_rot, int mode,
-                     float base, float freq_scale, const float *freq_factors);
+                     float base, float freq_scale, const float *freq_factors, const float *v, int64_t head_dim_v,
+                     const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache);
 /* out = act(gate) * up over n floats; clamp > 0 caps act(gate) at clamp and clips up to [-clamp, clamp]. */
 int  gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
 /* Causal attention of n_q queries (n_q, n_head, dk) over n_kv cached slots of float16 keys

@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include "ggufrun.h"
+#include "blocks.h"
 #include "threadpool.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -24,24 +24,6 @@
 
 static pthread_mutex_t ops_mutex = PTHREAD_MUTEX_INITIALIZER;
 
-/* ---------------------------------------------------------------- half precision */
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (mant == 0) bits = sign;
-        else {  /* subnormal: normalise */
-            int e = -1;
-            do { mant <<= 1; e++; } while (!(mant & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ff) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000 | (mant << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* dot(q, k) over n with k in f16, and acc += w * v over n with v in f16 */
 typedef float (*dot_f16_fn)(const float *q, const uint16_t *k, int64_t n);
 typedef void (*axpy_f16_fn)(float *acc, float w, const uint16_t *v, int64_t n);
@@ -49,11 +31,11 @@ typedef void (*scale_fn)(float *acc, float s, int64_t n);
 
 static float dot_f16_scalar(const float *q, const uint16_t *k, int64_t n) {
     float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += q[i] * half_to_float(k[i]);
+    for (int64_t i = 0; i < n; i++) s += q[i] * gr_half_to_float(k[i]);
     return s;
 }
 static void axpy_f16_scalar(float *acc, float w, const uint16_t *v, int64_t n) {
-    for (int64_t i = 0; i < n; i++) acc[i] += w * half_to_float(v[i]);
+    for (int64_t i = 0; i < n; i++) acc[i] += w * gr_half_to_float(v[i]);
 }
 static void scale_scalar(float *acc, float s, int64_t n) {
     for (int64_t i = 0; i < n; i++) acc[i] *= s;
@@ -102,6 +84,22 @@ static int attn_tiled;  /* gr_attention runs the AVX2 tiled kernel (attention_ti
 static scale_fn scale_f32 = scale_scalar;
 static pthread_once_t ops_once = PTHREAD_ONCE_INIT;
 
+/* float32 -> float16 rows for the KV cache, rounding to nearest even (as numpy's astype and F16C do) */
+typedef void (*to_half_fn)(const float *x, uint16_t *h, int64_t n);
+static void to_half_scalar(const float *x, uint16_t *h, int64_t n) {
+    for (int64_t i = 0; i < n; i++) h[i] = gr_float_to_half(x[i]);
+}
+#ifdef GR_X86
+__attribute__((target("avx2,fma,f16c")))
+static void to_half_avx2(const float *x, uint16_t *h, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    to_half_scalar(x + i, h + i, n - i);
+}
+#endif
+static to_half_fn to_half = to_half_scalar;
+
 static void ops_init(void) {
 #ifdef GR_X86
     __builtin_cpu_init();
@@ -111,6 +109,7 @@ static void ops_init(void) {
         axpy_f16 = axpy_f16_avx2;
         attn_tiled = 1;
         scale_f32 = scale_avx2;
+        to_half = to_half_avx2;
     }
 #endif
 }
@@ -121,12 +120,14 @@ int gr_ops_simd(int on) {
 #ifdef GR_X86
     if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
         dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2; attn_tiled = 1;
+        to_half = to_half_avx2;
         pthread_mutex_unlock(&ops_mutex);
         return 1;
     }
 #endif
     (void)on;
     dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar; attn_tiled = 0;
+    to_half = to_half_scalar;
     pthread_mutex_unlock(&ops_mutex);
     return 0;
 }
@@ -183,17 +184,32 @@ int gr_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t
     return GR_OK;
 }
 
-/* Per-head RMS norms (optional) then rotary embedding of q and k, in place: the separate calls' arithmetic
- * in one crossing of the Python/C boundary. */
+/* Per-head RMS norms (optional) then rotary embedding of q and k, in place, then (slots != NULL) the
+ * keys and values stored in the KV cache: the separate calls' arithmetic in one crossing of the
+ * Python/C boundary, which a decode step makes once per layer for all of it. */
 int gr_qk_norm_rope(float *q, float *k, const int32_t *pos, int64_t n_tok, int64_t n_head, int64_t n_head_kv,
                     int64_t head_dim, const float *q_norm, const float *k_norm, float eps, int n_rot, int mode,
-                    float base, float freq_scale, const float *freq_factors) {
+                    float base, float freq_scale, const float *freq_factors, const float *v, int64_t head_dim_v,
+                    const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache) {
     if (n_tok <= 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0) return GR_E_SHAPE;
+    if (slots && (!v || head_dim_v <= 0 || !k_cache || !v_cache || !pos_cache)) return GR_E_ARG;
+    pthread_once(&ops_once, ops_init);
     int rc;
     if (q_norm && (rc = gr_rms_norm(q, q_norm, q, n_tok * n_head, head_dim, eps)) != GR_OK) return rc;
     if (k_norm && (rc = gr_rms_norm(k, k_norm, k, n_tok * n_head_kv, head_dim, eps)) != GR_OK) return rc;
     if ((rc = gr_rope(q, pos, n_tok, n_head, head_dim, n_rot, mode, base, freq_scale, freq_factors)) != GR_OK) return rc;
-    return gr_rope(k, pos, n_tok, n_head_kv, head_dim, n_rot, mode, base, freq_scale, freq_factors);
+    if ((rc = gr_rope(k, pos, n_tok, n_head_kv, head_dim, n_rot, mode, base, freq_scale, freq_factors)) != GR_OK)
+        return rc;
+    if (slots) {
+        const int64_t kr = n_head_kv * head_dim, vr = n_head_kv * head_dim_v;
+        for (int64_t t = 0; t < n_tok; t++) {
+            const int64_t s = slots[t];
+            to_half(k + t * kr, k_cache + s * kr, kr);
+            to_half(v + t * vr, v_cache + s * vr, vr);
+            pos_cache[s] = pos[t];
+        }
+    }
+    return GR_OK;
 }
 
 /* ---------------------------------------------------------------- gated activations */

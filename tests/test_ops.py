@@ -166,6 +166,32 @@ def test_qk_norm_rope_equals_the_separate_calls(simd, norms):
         ops.qk_norm_rope(q, k, pos, qn, kn, 1e-6, 33, 10000.0, ops.ROPE_NEOX)  # odd n_rot
 
 
+def test_qk_norm_rope_stores_keys_and_values_in_the_cache(simd):
+    """The store in the same call: rows `slots` (a wrapped ring's, not consecutive) of the float16 caches
+    get the rotated keys and the values rounded as numpy's astype(float16) does (ties to even, subnormals,
+    overflow to inf), and the positions; no other row changes."""
+    n, n_head, n_head_kv, hd, dv, cap = 3, 4, 2, 64, 40, 10
+    q = rng.standard_normal((n, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((n, n_head_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((n, n_head_kv, dv)).astype(np.float32)
+    v[0, 0, :6] = [1e-6, -3e-8, 7e4, 2049.0, 2051.0, np.float32(1) + np.float32(2.0**-11)]  # subnormal, tie, inf
+    pos = np.array([8, 9, 10], dtype=np.int32)
+    slots = pos % np.int32(cap)   # 8, 9, 0
+    kc, vc = np.full((cap, n_head_kv, hd), 7, np.float16), np.full((cap, n_head_kv, dv), 7, np.float16)
+    pc = np.full(cap, -1, np.int32)
+    want_q, want_k = q.copy(), k.copy()
+    ops.qk_norm_rope(want_q, want_k, pos, None, None, 1e-6, 64, 10000.0, ops.ROPE_NEOX)
+    ops.qk_norm_rope(q, k, pos, None, None, 1e-6, 64, 10000.0, ops.ROPE_NEOX, store=(v, slots, kc, vc, pc))
+    assert np.array_equal(q, want_q) and np.array_equal(k, want_k)
+    assert np.array_equal(kc[slots].view(np.uint16), want_k.astype(np.float16).view(np.uint16))
+    with np.errstate(over="ignore"):   # 7e4 is past float16's range: inf, as intended
+        want_v = v.astype(np.float16)
+    assert np.array_equal(vc[slots].view(np.uint16), want_v.view(np.uint16))
+    assert list(pc[slots]) == [8, 9, 10]
+    rest = np.setdiff1d(np.arange(cap), slots)
+    assert (kc[rest] == 7).all() and (vc[rest] == 7).all() and (pc[rest] == -1).all()
+
+
 def route(logits, n_used, gating, bias=None, norm=False, scale=1.0):
     n, n_expert = logits.shape
     ids = np.empty((n, n_used), np.int32)

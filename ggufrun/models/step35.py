@@ -121,8 +121,7 @@ class GatedAttention(Attention):
 
     def __call__(self, x, positions, cache, layer, norm=None, eps=0.0):
         c = self.cfg
-        q, k, v, *gate = self.qkv(x, positions, norm, eps)
-        keys, values, key_pos = cache.store(layer, positions, k, v)
+        q, keys, values, key_pos, *gate = self.qkv(x, positions, cache, layer, norm, eps)
         a = attention(q, keys, values, positions, key_pos, c.scale, c.window, gate=gate[0] if gate else None)
         return self.wo(a)
 
