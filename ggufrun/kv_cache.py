@@ -75,8 +75,14 @@ class KVCache:
             # a ring layer may already have overwritten the keys positions < n need
             raise ValueError(f"cannot roll back {self.n_past - n} positions: sliding-window layers keep only"
                              f" {self.max_batch} positions of history beyond the window")
-        for p in self.pos:
-            p[p >= n] = EMPTY_POS
+        # only positions n..n_past-1 were ever stored past n: their slots, not a scan of every layer's cache
+        # (a speculative step rolls back a few positions of a 4096-slot cache)
+        gone = np.arange(n, self.n_past, dtype=np.int32)
+        for p, ring in zip(self.pos, self.ring):
+            if ring:
+                p[gone % np.int32(len(p))] = EMPTY_POS
+            else:
+                p[n:self.n_past] = EMPTY_POS
         self.n_past = n
 
     def reset(self) -> None:
