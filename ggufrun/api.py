@@ -388,6 +388,7 @@ class LLM:
                 stats.stop_reason = "context"
                 return
             k = max(0, min(ctl.choose(), self.n_ctx - P - 1, max_tokens - n_out - 1))
+            d.catchup_seconds = 0.0
             drafts, qs = d.draft(self.tokens, tok, k, pick) if k else ([], [])
             batch = [tok] + drafts
             h = self.model.forward_hidden(np.array(batch), self.cache)
@@ -414,7 +415,7 @@ class LLM:
                 self.cache.truncate(keep)
                 self.tokens = self.tokens[:keep]
                 d.truncate(keep)
-            ctl.update(k, n_acc, time.perf_counter() - t0)
+            ctl.update(k, n_acc, time.perf_counter() - t0 - d.catchup_seconds)
             stats.mtp.record(k, n_acc)
             for j, t in enumerate(out):
                 tok = t

@@ -23,6 +23,7 @@ distribution is exactly p (Leviathan et al. 2023; Chen et al. 2023).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,6 +198,10 @@ class MTPDrafter:
         self.caches = [KVCache([h.cache_spec], n_ctx, max_batch) for h in self.heads]
         self.h_hist = np.zeros((min(n_ctx, 1024), self.n_embd), dtype=np.float32)
         self.n_hist = 0   # trunk hidden states recorded for positions 0..n_hist-1
+        # seconds draft() spent bringing heads that sat unused up to date: work owed by earlier steps,
+        # which the draft-length controller must not charge to this step's k (else a head left idle
+        # looks dear, is left idle longer, and its next use costs more still)
+        self.catchup_seconds = 0.0
 
     @property
     def n_heads(self) -> int:
@@ -261,9 +266,13 @@ class MTPDrafter:
                 c.truncate(P)
             # committed rows the head has not seen yet (the drafts accepted last step) ride in the same
             # call as the draft rows: one block evaluation per head per step, not two. Rows are
-            # independent but for causal attention, so this equals catching up first.
-            s = max(c.n_past, P - (self.max_batch - (i + 1)))
-            self.catch_up(i, tokens, s)
+            # independent but for causal attention, so this equals catching up first. A head further
+            # behind (unused for a while) catches up apart, timed apart.
+            s = max(c.n_past, P - min(self.n_heads + 1, self.max_batch - (i + 1)))
+            if c.n_past < s:
+                t0 = time.perf_counter()
+                self.catch_up(i, tokens, s)
+                self.catchup_seconds += time.perf_counter() - t0
             rows_t = np.concatenate([np.asarray(tokens[s:P], dtype=np.int64), np.array(toks, dtype=np.int64)])
             rows_h = np.concatenate([self._h_prev(s, P), np.stack(chain_h)]) if s < P else np.stack(chain_h)
             hs = self.heads[i].hidden(rows_t, rows_h, np.arange(s, P + i + 1, dtype=np.int32), c)

@@ -264,6 +264,31 @@ def test_rollback_leaves_trunk_and_head_caches_as_a_fresh_run(llms):
         assert drafts_after == drafts_fresh
 
 
+def test_an_idle_head_catches_up_apart_and_timed(llms):
+    """A head far behind the trunk (after a prompt, or left unused by the controller) catches up in
+    calls of its own, timed in catchup_seconds, which the controller does not charge to the step's
+    draft length; the draft call carries only the few committed rows a step leaves behind."""
+    llm = llms["echo"]
+    llm.reset()
+    llm._eval_hidden(llm.tokenize(PROMPTS[1] * 2))
+    d = llm._mtp_drafter()
+    rows = []
+    head = d.heads[2]
+    head.hidden = lambda t, h, p, c, orig=head.hidden: (rows.append(len(t)), orig(t, h, p, c))[1]
+    try:
+        pick = lambda lg: (int(np.argmax(lg)), None)  # noqa: E731
+        d.catchup_seconds = 0.0
+        drafts, _ = d.draft(list(llm.tokens), 42, 3, pick)
+        assert d.catchup_seconds > 0 and len(rows) >= 2 and rows[-1] <= d.n_heads + 1 + 3, rows
+        llm._eval_hidden([42, drafts[0]])   # the next step: two committed rows behind
+        rows.clear()
+        d.catchup_seconds = 0.0
+        d.draft(list(llm.tokens), drafts[1], 3, pick)
+        assert d.catchup_seconds == 0.0 and rows == [2 + 3], rows
+    finally:
+        del head.hidden
+
+
 def test_prefix_reuse_and_switching_mtp_on_and_off(llms):
     llm = llms["echo"]
     ref, _ = greedy(llm, PROMPTS[0], 0)
