@@ -77,15 +77,16 @@ def step_costs(llm, ids) -> dict:
 
     def trunk(n):
         def f():
-            m.forward_hidden(np.array([tok] * n), cache)
+            m.forward_hidden(np.array(real[:n]), cache)
             cache.truncate(P)
         return f
+    # distinct real tokens: one token repeated would route every row to the same experts and make a
+    # verify look as cheap as a one-token step (MoE rows are grouped by expert)
+    real = llm.tokenize(prompts(2)[1])
     for n in (1, 2, 3, 4):
         out[f"trunk_{n}tok"] = timeit(trunk(n))
-    # routed-expert bytes a verify of n tokens reads (each distinct expert of a layer once), at these
-    # real tokens rather than a repeated one
+    # routed-expert bytes a verify of n tokens reads (each distinct expert of a layer once)
     from ggufrun.mtp import ExpertReads
-    real = llm.tokenize(prompts(2)[1])
     for n in (1, 2, 4):
         with ExpertReads(m.experts) as er:
             m.forward_hidden(np.array(real[:n]), cache)
@@ -99,7 +100,7 @@ def step_costs(llm, ids) -> dict:
 
         def f(head=head, c=c, j=j):
             rows = j + 1
-            head.hidden(np.array([tok] * rows), np.zeros((rows, m.n_embd), np.float32),
+            head.hidden(np.array(real[:rows]), np.zeros((rows, m.n_embd), np.float32),
                         np.arange(P, P + rows, dtype=np.int32), c)
             head.logits(h)
             c.truncate(P)
