@@ -255,11 +255,18 @@ def test_q8_1_sum_field_and_q8_k_bsums():
 
 def _ggml_base() -> ctypes.CDLL:
     llama_cpp = pytest.importorskip("llama_cpp")
-    root = pathlib.Path(llama_cpp.__file__).parent
-    libs = sorted(root.rglob("libggml-base.so*")) + sorted(root.rglob("libggml.so*"))
-    if not libs:
-        pytest.fail(f"llama_cpp is installed but no libggml-base.so under {root}")
-    lib = ctypes.CDLL(str(libs[0]))
+    loaded = getattr(getattr(llama_cpp, "llama_cpp", None), "_lib", None)
+    if loaded is not None:
+        # the libllama llama_cpp loaded: its handle finds ggml's symbols among its dependencies, so no
+        # second dlopen (one clean-clone CI run aborted inside that dlopen, late in the suite; not
+        # reproduced). A wrapper of our own, so the argtypes set below stay off llama_cpp's object.
+        lib = ctypes.CDLL(loaded._name, handle=loaded._handle)
+    else:
+        root = pathlib.Path(llama_cpp.__file__).parent
+        libs = sorted(root.rglob("libggml-base.so*")) + sorted(root.rglob("libggml.so*"))
+        if not libs:
+            pytest.fail(f"llama_cpp is installed but no libggml-base.so under {root}")
+        lib = ctypes.CDLL(str(libs[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
