@@ -100,36 +100,34 @@ static void to_half_avx2(const float *x, uint16_t *h, int64_t n) {
 #endif
 static to_half_fn to_half = to_half_scalar;
 
+/* The AVX2/F16C inner loops if `on` and the CPU has them, else the portable ones; returns which. */
+static int select_simd(int on) {
+#ifdef GR_X86
+    if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2; to_half = to_half_avx2;
+        attn_tiled = 1;
+        return 1;
+    }
+#endif
+    (void)on;
+    dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar; to_half = to_half_scalar;
+    attn_tiled = 0;
+    return 0;
+}
+
 static void ops_init(void) {
 #ifdef GR_X86
     __builtin_cpu_init();
-    if (gr_isa_get() != GR_ISA_SCALAR && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
-        dot_f16 = dot_f16_avx2;
-        axpy_f16 = axpy_f16_avx2;
-        attn_tiled = 1;
-        scale_f32 = scale_avx2;
-        to_half = to_half_avx2;
-    }
 #endif
+    select_simd(gr_isa_get() != GR_ISA_SCALAR);
 }
 
 int gr_ops_simd(int on) {
     pthread_once(&ops_once, ops_init);
     pthread_mutex_lock(&ops_mutex);
-#ifdef GR_X86
-    if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-        dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2; attn_tiled = 1;
-        to_half = to_half_avx2;
-        pthread_mutex_unlock(&ops_mutex);
-        return 1;
-    }
-#endif
-    (void)on;
-    dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar; attn_tiled = 0;
-    to_half = to_half_scalar;
+    const int simd = select_simd(on);
     pthread_mutex_unlock(&ops_mutex);
-    return 0;
+    return simd;
 }
 
 /* ---------------------------------------------------------------- RMS norm */
