@@ -192,6 +192,28 @@ def test_qk_norm_rope_stores_keys_and_values_in_the_cache(simd):
     assert (kc[rest] == 7).all() and (vc[rest] == 7).all() and (pc[rest] == -1).all()
 
 
+def test_qk_norm_rope_refuses_a_store_without_its_arrays():
+    """Slots without the value rows or the cache arrays to write them to: an argument error, before q
+    or k is touched."""
+    q = np.ones((1, 2, 64), np.float32)
+    k = np.ones((1, 1, 64), np.float32)
+    v = np.ones((1, 1, 64), np.float32)
+    pos = slots = np.zeros(1, np.int32)
+    kc, vc = np.zeros((4, 1, 64), np.float16), np.zeros((4, 1, 64), np.float16)
+    pc = np.zeros(4, np.int32)
+    i32 = lambda a: ops._from_buffer(ops._INT32S, a, True)  # noqa: E731
+    u16 = lambda a: ops._from_buffer(ops._UINT16S, a.view(np.uint16), True)  # noqa: E731
+    NULL = ops._ffi.NULL
+    for bad in [dict(v=NULL), dict(dv=0), dict(kc=NULL), dict(vc=NULL), dict(pc=NULL)]:
+        a = {**dict(v=ops._f32(v), dv=64, kc=u16(kc), vc=u16(vc), pc=i32(pc)), **bad}
+        rc = ops._lib.gr_qk_norm_rope(ops._f32(q), ops._f32(k), i32(pos), 1, 2, 1, 64, NULL, NULL, 1e-6, 64,
+                                      ops.ROPE_NEOX, 10000.0, 1.0, NULL, a["v"], a["dv"], i32(slots), a["kc"],
+                                      a["vc"], a["pc"])
+        with pytest.raises(ValueError, match="qk_norm_rope: argument out of range"):
+            native._check(rc, "qk_norm_rope")
+        assert (q == 1).all() and (k == 1).all() and (pc == 0).all()
+
+
 def route(logits, n_used, gating, bias=None, norm=False, scale=1.0):
     n, n_expert = logits.shape
     ids = np.empty((n, n_used), np.int32)
