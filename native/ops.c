@@ -100,17 +100,28 @@ static void to_half_avx2(const float *x, uint16_t *h, int64_t n) {
 #endif
 static to_half_fn to_half = to_half_scalar;
 
+/* out = act(gate) * up (clamped): gated activations, defined with the other ops below */
+typedef void (*glu_fn)(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
+static void glu_scalar(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
+#ifdef GR_X86
+__attribute__((target("avx2,fma")))
+static void glu_avx2(const float *gate, const float *up, float *out, int64_t n, int act, float clamp);
+#endif
+static glu_fn glu_rows = glu_scalar;
+
 /* The AVX2/F16C inner loops if `on` and the CPU has them, else the portable ones; returns which. */
 static int select_simd(int on) {
 #ifdef GR_X86
     if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
         dot_f16 = dot_f16_avx2; axpy_f16 = axpy_f16_avx2; scale_f32 = scale_avx2; to_half = to_half_avx2;
+        glu_rows = glu_avx2;
         attn_tiled = 1;
         return 1;
     }
 #endif
     (void)on;
     dot_f16 = dot_f16_scalar; axpy_f16 = axpy_f16_scalar; scale_f32 = scale_scalar; to_half = to_half_scalar;
+    glu_rows = glu_scalar;
     attn_tiled = 0;
     return 0;
 }
@@ -218,10 +229,9 @@ static inline float gelu_f(float x) {
     return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
 }
 
-int gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp) {
-    if (n <= 0) return GR_E_SHAPE;
-    /* clamp > 0: Step-3.5's clamped SwiGLU as llama.cpp builds it: the activated gate is capped from
-     * above at clamp (after the activation), up is clipped to [-clamp, clamp]. */
+/* clamp > 0: Step-3.5's clamped SwiGLU as llama.cpp builds it: the activated gate is capped from
+ * above at clamp (after the activation), up is clipped to [-clamp, clamp]. */
+static void glu_scalar(const float *gate, const float *up, float *out, int64_t n, int act, float clamp) {
     for (int64_t i = 0; i < n; i++) {
         float a = act == GR_ACT_GELU ? gelu_f(gate[i]) : silu_f(gate[i]), u = up[i];
         if (clamp > 0.0f) {
@@ -230,6 +240,90 @@ int gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, f
         }
         out[i] = a * u;
     }
+}
+
+#ifdef GR_X86
+/* e^x = 2^n e^r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error < 1e-8 relative, within a
+ * few ulps of expf); x below -87.3 (attention's masked scores are -inf) gives exactly 0, x above 88 is
+ * taken as 88 (the activations divide by 1 + e^x: any x that large gives 0 either way). */
+__attribute__((target("avx2,fma")))
+static inline __m256 exp_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* SiLU x / (1 + e^-x); GELU's 0.5 x (1 + tanh(y)) written as x / (1 + e^(-2y)), the same function with
+ * one exponential and no tanh. */
+__attribute__((target("avx2,fma")))
+static inline __m256 glu8_avx2(__m256 g, __m256 u, int act, float clamp) {
+    __m256 z;
+    if (act == GR_ACT_GELU) {
+        const __m256 g2 = _mm256_mul_ps(g, g);
+        z = _mm256_mul_ps(g, _mm256_fmadd_ps(g2, _mm256_set1_ps(-2.0f * 0.7978845608028654f * 0.044715f),
+                                             _mm256_set1_ps(-2.0f * 0.7978845608028654f)));
+    } else {
+        z = _mm256_sub_ps(_mm256_setzero_ps(), g);
+    }
+    __m256 a = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_avx2(z)));
+    if (clamp > 0.0f) {
+        const __m256 c = _mm256_set1_ps(clamp);
+        a = _mm256_min_ps(a, c);
+        u = _mm256_max_ps(_mm256_min_ps(u, c), _mm256_sub_ps(_mm256_setzero_ps(), c));
+    }
+    return _mm256_mul_ps(a, u);
+}
+
+__attribute__((target("avx2,fma")))
+static void glu_avx2(const float *gate, const float *up, float *out, int64_t n, int act, float clamp) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, glu8_avx2(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), act, clamp));
+    if (i < n) {  /* the tail through a padded vector, so every element gets the same formula */
+        float g[8] = {0}, u[8] = {0}, o[8];
+        memcpy(g, gate + i, sizeof(float) * (size_t)(n - i));
+        memcpy(u, up + i, sizeof(float) * (size_t)(n - i));
+        _mm256_storeu_ps(o, glu8_avx2(_mm256_loadu_ps(g), _mm256_loadu_ps(u), act, clamp));
+        memcpy(out + i, o, sizeof(float) * (size_t)(n - i));
+    }
+}
+#endif
+
+/* A prefill's activations (n_tok * n_ff: 786k for SmolLM2's 512 tokens) are split over the pool; a
+ * decode step's few thousand stay on the calling thread. */
+#define GLU_CHUNK 8192
+typedef struct { const float *gate, *up; float *out; int64_t n; int act; float clamp; atomic_llong next; } glu_task;
+static void glu_run(void *p, int ith, int nth) {
+    glu_task *t = p;
+    (void)ith; (void)nth;
+    for (int64_t c; (c = atomic_fetch_add(&t->next, 1) * GLU_CHUNK) < t->n;)
+        glu_rows(t->gate + c, t->up + c, t->out + c, t->n - c < GLU_CHUNK ? t->n - c : GLU_CHUNK, t->act, t->clamp);
+}
+
+int gr_glu(const float *gate, const float *up, float *out, int64_t n, int act, float clamp) {
+    if (n <= 0) return GR_E_SHAPE;
+    pthread_once(&ops_once, ops_init);
+    if (n < 4 * GLU_CHUNK || gr_pool_threads() < 2) {
+        glu_rows(gate, up, out, n, act, clamp);
+        return GR_OK;
+    }
+    glu_task t = {gate, up, out, n, act, clamp, 0};
+    atomic_init(&t.next, 0);
+    gr_pool_run_dynamic(glu_run, &t, gr_pool_threads());
     return GR_OK;
 }
 
@@ -304,29 +398,6 @@ typedef struct {
     int64_t per_thread;           /* scratch floats per thread */
     int sorted;                   /* k_pos ascending: key ranges by binary search */
 } tiled_task;
-
-__attribute__((target("avx2,fma")))
-static inline __m256 exp_avx2(__m256 x) {
-    /* e^x = 2^n e^r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error < 1e-8 relative);
-     * x below -87.3 (masked scores are -inf) gives exactly 0 */
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-    __m256 p = _mm256_set1_ps(1.f / 5040);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 __attribute__((target("avx2,fma")))
 static inline float hsum8(__m256 v) {

@@ -54,18 +54,24 @@ def test_rope(mode, n_rot):
 
 
 @pytest.mark.parametrize("act", [ops.ACT_SILU, ops.ACT_GELU])
-def test_glu_and_clamp(act):
-    g = (rng.standard_normal(1000) * 5).astype(np.float32)
-    u = (rng.standard_normal(1000) * 5).astype(np.float32)
+@pytest.mark.parametrize("n", [13, 1000, 70000], ids=["tail", "vector", "pool"])
+def test_glu_and_clamp(act, n, simd):
+    g = (rng.standard_normal(n) * 5).astype(np.float32)
+    g[:6] = [-200.0, -90.0, -30.0, 30.0, 90.0, 200.0]  # past the exponential's clamps, both signs
+    u = (rng.standard_normal(n) * 5).astype(np.float32)
     g64, u64 = g.astype(np.float64), u.astype(np.float64)
 
     def f(z):
         if act == ops.ACT_SILU:
             return z / (1 + np.exp(-z))
-        return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * z * (1 + 0.044715 * z * z)))
+        # 0.5 z (1 + tanh(y)) as z / (1 + e^(-2y)): float64's 1 + tanh(y) cancels to 0 below y ~ -19
+        with np.errstate(over="ignore"):
+            return z / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * z * (1 + 0.044715 * z * z)))
     np.testing.assert_allclose(ops.glu(g.copy(), u, act), f(g64) * u64, rtol=1e-5, atol=1e-5)
     clamped = np.minimum(f(g64), 3.0) * np.clip(u64, -3.0, 3.0)  # llama.cpp caps after the activation
     np.testing.assert_allclose(ops.glu(g.copy(), u, act, clamp=3.0), clamped, rtol=1e-5, atol=1e-5)
+    g[7] = np.nan
+    assert np.isnan(ops.glu(g.copy(), u, act)[7])
 
 
 def attention_ref(q, k, v, q_pos, k_pos, scale, window=0, softcap=0.0):
