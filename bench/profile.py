@@ -55,6 +55,11 @@ def install() -> None:
         return timed("matmul " + names + (" (+norm)" if len(args) > 1 and args[1] is not None else ""),
                      group_call)(self, *args, **kw)
     ops.LinearGroup.__call__ = group
+    block_call = ops.AttentionBlock.__call__
+
+    def block(self, *args, **kw):
+        return timed("attention block (+norm, residual)", block_call)(self, *args, **kw)
+    ops.AttentionBlock.__call__ = block
     for mod_name in ("layers", "moe", "models.base", "models.llama", "models.gemma3", "models.step35"):
         mod = sys.modules.get(f"ggufrun.{mod_name}")
         if mod is None:

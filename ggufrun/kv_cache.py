@@ -39,6 +39,7 @@ class KVCache:
             self.k.append(np.zeros((cap, s.n_head_kv, s.head_dim_k), dtype=np.float16))
             self.v.append(np.zeros((cap, s.n_head_kv, s.head_dim_v), dtype=np.float16))
             self.pos.append(np.full(cap, EMPTY_POS, dtype=np.int32))
+        self.native: dict = {}  # layer -> native pointers to its k, v, pos arrays, made once (ops.AttentionBlock)
 
     @property
     def nbytes(self) -> int:
@@ -49,21 +50,16 @@ class KVCache:
             raise ContextFullError(f"context is full: {self.n_past} tokens cached + {n_new} new exceeds"
                                    f" n_ctx={self.n_ctx}")
 
-    def slots(self, layer: int, positions: np.ndarray):
-        """Where the keys and values of `positions` (int32) go in `layer` and what the batch attends over
-        once they are there: (slots, (k, v, pos) arrays to write rows `slots` of, (keys, values,
-        key_positions) views). The write is the caller's native call (ops.qk_norm_rope's store)."""
+    def slots(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, int]:
+        """Where the keys and values of `positions` (int32) go in `layer` (rows of its k, v and pos
+        arrays), and how many leading rows the batch attends over once they are there. The write is the
+        caller's native call (ops.AttentionBlock)."""
         if self.ring[layer]:
             if len(positions) > self.max_batch:
                 raise ValueError(f"batch of {len(positions)} exceeds the cache's max_batch {self.max_batch}")
-            slots = positions % np.int32(self.k[layer].shape[0])
-        else:
-            slots = positions
-        k, v, pos = self.k[layer], self.v[layer], self.pos[layer]
-        if self.ring[layer]:
-            return slots, (k, v, pos), (k, v, pos)
-        end = int(positions[-1]) + 1
-        return slots, (k, v, pos), (k[:end], v[:end], pos[:end])
+            cap = self.k[layer].shape[0]
+            return positions % np.int32(cap), cap
+        return positions, int(positions[-1]) + 1
 
     def truncate(self, n: int) -> None:
         """Forget positions >= n (rollback of rejected speculative tokens, or /reset with n=0)."""

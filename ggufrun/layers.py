@@ -11,7 +11,7 @@ import numpy as np
 
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
-from .ops import ACT_GELU, ACT_SILU, Linear, LinearGroup, attention, ffn, qk_norm_rope
+from .ops import ACT_GELU, ACT_SILU, AttentionBlock, Linear, LinearGroup, ffn
 
 
 def small(f: GGUFFile, name: str, shape: tuple[int, ...] | None = None, optional: bool = False) -> np.ndarray | None:
@@ -43,7 +43,13 @@ class AttentionConfig:
 
 
 class Attention:
-    def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: AttentionConfig):
+    """x + attention(x), as one native call (ops.AttentionBlock): `norm` is the block's input RMS norm
+    (folded into the projections), `post_norm` an RMS norm of the attention output before the residual
+    (gemma3); `extra` matrices of the same input join the q/k/v projection call, and with `gate` the
+    first of them scales each head's output by sigmoid(gate(x)) (step35)."""
+
+    def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: AttentionConfig, norm: np.ndarray | None = None,
+                 eps: float = 0.0, post_norm: np.ndarray | None = None, gate: Linear | None = None):
         self.cfg = cfg
         q_dim, kv_dim = cfg.n_head * cfg.head_dim_k, cfg.n_head_kv * cfg.head_dim_k
         v_dim = cfg.n_head_kv * cfg.head_dim_v
@@ -51,47 +57,24 @@ class Attention:
         self.wk = Linear(f.tensor(prefix + "attn_k.weight", (kv_dim, n_embd)))
         self.wv = Linear(f.tensor(prefix + "attn_v.weight", (v_dim, n_embd)))
         self.wo = Linear(f.tensor(prefix + "attn_output.weight", (n_embd, cfg.n_head * cfg.head_dim_v)))
-        self.bq = small(f, prefix + "attn_q.bias", (q_dim,), optional=True)
-        self.bk = small(f, prefix + "attn_k.bias", (kv_dim,), optional=True)
-        self.bv = small(f, prefix + "attn_v.bias", (v_dim,), optional=True)
-        self.q_norm = small(f, prefix + "attn_q_norm.weight", (cfg.head_dim_k,), optional=True)
-        self.k_norm = small(f, prefix + "attn_k_norm.weight", (cfg.head_dim_k,), optional=True)
+        self.gate = gate
+        biases = tuple(small(f, prefix + f"attn_{w}.bias", (d,), optional=True)
+                       for w, d in (("q", q_dim), ("k", kv_dim), ("v", v_dim)))
         r = cfg.rope
-        self.freq_factors = None if r.freq_factors is None else np.array(r.freq_factors, dtype=np.float32)
-        self.set_projections()
+        # q, k, v (and the gate, which reads the same input) in one projection call
+        proj = LinearGroup([self.wq, self.wk, self.wv] + ([gate] if gate is not None else []))
+        self.block = AttentionBlock(
+            proj, self.wo, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim_k=cfg.head_dim_k,
+            head_dim_v=cfg.head_dim_v, scale=cfg.scale, window=cfg.window, n_rot=r.n_rot, rope_mode=r.mode,
+            rope_base=r.base, freq_scale=r.freq_scale,
+            freq_factors=None if r.freq_factors is None else np.array(r.freq_factors, dtype=np.float32),
+            biases=biases, q_norm=small(f, prefix + "attn_q_norm.weight", (cfg.head_dim_k,), optional=True),
+            k_norm=small(f, prefix + "attn_k_norm.weight", (cfg.head_dim_k,), optional=True), qk_eps=cfg.norm_eps,
+            in_norm=norm, post_norm=post_norm, eps=eps)
 
-    def set_projections(self, extra: tuple[Linear, ...] = ()) -> None:
-        """q, k, v (and `extra` matrices of the same input, e.g. step35's head gate) as one native call."""
-        self.proj = LinearGroup([self.wq, self.wk, self.wv, *extra])
-        self._rows = sum(lin.rows for lin in self.proj.linears)
-
-    def qkv(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int, norm: np.ndarray | None = None,
-            eps: float = 0.0):
-        """Projected, normed and rotated queries shaped per head, the keys and values to attend over (this
-        batch's stored in `cache` first), and the outputs of the extra projections. `norm`: the block's
-        input RMS norm, folded into the projection call."""
-        c, n = self.cfg, x.shape[0]
-        buf = np.empty(n * self._rows, dtype=np.float32)
-        q, k, v, *extra = self.proj(x, norm, eps, out=buf)
-        if self.bq is not None:
-            q += self.bq
-        if self.bk is not None:
-            k += self.bk
-        if self.bv is not None:
-            v += self.bv
-        r = c.rope
-        q = q.reshape(n, c.n_head, c.head_dim_k)
-        k = k.reshape(n, c.n_head_kv, c.head_dim_k)
-        # q and k are views of buf: normed (gemma3, step35), rotated in place and stored with v, in one call
-        slots, arrays, attend = cache.slots(layer, positions)
-        qk_norm_rope(q, k, positions, self.q_norm, self.k_norm, c.norm_eps, r.n_rot, r.base, r.mode, r.freq_scale,
-                     self.freq_factors, (v.reshape(n, c.n_head_kv, c.head_dim_v), slots, *arrays))
-        return (q, *attend, *extra)
-
-    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int,
-                 norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
-        q, keys, values, key_pos = self.qkv(x, positions, cache, layer, norm, eps)
-        return self.wo(attention(q, keys, values, positions, key_pos, self.cfg.scale, self.cfg.window))
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
+        """x + attention over `cache`'s layer `layer`, this batch's keys and values stored there first."""
+        return self.block(x, positions, cache, layer)
 
 
 class GatedFFN:

@@ -121,6 +121,53 @@ def ffn(gate: Linear, up: Linear, down: Linear, x: np.ndarray, act: int, clamp: 
     return y
 
 
+class AttentionBlock:
+    """A layer's attention half, y = x + post_norm(attention(x)), as one native call (gr_attention_block):
+    the projections (with the block's input norm folded in), biases, q/k norms, rope, the KV store, the
+    attention, the output projection and the residual, the same bits as calling them one by one. The
+    weights, norms and shapes are bound once here; a call passes only the tokens and where they go."""
+
+    __slots__ = ("_desc", "_keep", "n_embd", "window", "_what")
+
+    def __init__(self, proj: LinearGroup, wo: Linear, *, n_head: int, n_head_kv: int, head_dim_k: int,
+                 head_dim_v: int, scale: float, window: int, n_rot: int, rope_mode: int, rope_base: float,
+                 freq_scale: float, freq_factors: np.ndarray | None, biases=(None, None, None),
+                 q_norm: np.ndarray | None = None, k_norm: np.ndarray | None = None, qk_eps: float = 0.0,
+                 in_norm: np.ndarray | None = None, post_norm: np.ndarray | None = None, eps: float = 0.0):
+        def ptr(a):
+            return _ffi.NULL if a is None else _f32(a)
+        lins = proj.linears
+        self._keep = (proj, wo, biases, q_norm, k_norm, freq_factors, in_norm, post_norm)
+        self._desc = _ffi.new("gr_attn_block *", {
+            "n_proj": len(lins), "qtypes": [lin.qtype for lin in lins], "w": [lin._w for lin in lins],
+            "rows": [lin.rows for lin in lins], "n_embd": proj.cols, "in_norm": ptr(in_norm), "eps": eps,
+            "bias": [ptr(b) for b in biases], "n_head": n_head, "n_head_kv": n_head_kv, "head_dim_k": head_dim_k,
+            "head_dim_v": head_dim_v, "q_norm": ptr(q_norm), "k_norm": ptr(k_norm), "qk_eps": qk_eps,
+            "n_rot": n_rot, "rope_mode": rope_mode, "rope_base": rope_base, "freq_scale": freq_scale,
+            "freq_factors": ptr(freq_factors), "scale": scale, "window": window, "o_qtype": wo.qtype,
+            "o_w": wo._w, "o_row_stride": wo.stride, "post_norm": ptr(post_norm)})
+        self.n_embd = proj.cols
+        self.window = window
+        self._what = f"attention block {wo.name}"
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cache, layer: int) -> np.ndarray:
+        """x (n, n_embd) at `positions` (int32) of `cache`'s layer `layer`; returns x + attention."""
+        n = x.shape[0]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty((n, self.n_embd), dtype=np.float32)
+        slots, n_kv = cache.slots(layer, positions)
+        arrays = cache.native.get(layer)
+        if arrays is None:  # the layer's cache arrays never move: their pointers are made once
+            arrays = cache.native[layer] = (_from_buffer(_UINT16S, cache.k[layer].view(np.uint16), True),
+                                            _from_buffer(_UINT16S, cache.v[layer].view(np.uint16), True),
+                                            _from_buffer(_INT32S, cache.pos[layer], True))
+        pos_ptr = _from_buffer(_INT32S, positions, False)
+        _check(_lib.gr_attention_block(self._desc, _f32(x), n, pos_ptr,
+                                       pos_ptr if slots is positions else _from_buffer(_INT32S, slots, False),
+                                       *arrays, n_kv, _f32(y)), self._what)
+        return y
+
+
 def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of an embedding matrix, dequantized; only those rows' bytes are touched."""
     rb = w.row_bytes

@@ -125,6 +125,43 @@ int  gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const in
                   int64_t n_kv, int64_t dk, int64_t dv, float scale, int window, float softcap,
                   const float *gate);
 
+/* ---- block ---- (native/block.c: the attention half of a decoder block in one call) */
+/* What a layer's attention is: the projections of its input (q, k, v and, with n_proj 4, a per-head
+ * output gate, gr_attention's gate: step35), given as gr_matmul_multi takes them, with the block's input
+ * RMS norm (in_norm, or NULL) and its eps; q/k/v biases (or NULL); per-head q/k norms and rope as
+ * gr_qk_norm_rope takes them; gr_attention's scale and window; the output projection (n_embd rows of
+ * n_head * head_dim_v, o_row_stride bytes a row); post_norm (or NULL): an RMS norm of the projected
+ * output before the residual (gemma3), with eps. */
+typedef struct {
+    int n_proj;
+    int qtypes[4];
+    const void *w[4];
+    int64_t rows[4];
+    int64_t n_embd;
+    const float *in_norm;
+    float eps;
+    const float *bias[3];
+    int64_t n_head, n_head_kv, head_dim_k, head_dim_v;
+    const float *q_norm, *k_norm;
+    float qk_eps;
+    int n_rot, rope_mode;
+    float rope_base, freq_scale;
+    const float *freq_factors;
+    float scale;
+    int window;
+    int o_qtype;
+    const void *o_w;
+    int64_t o_row_stride;
+    const float *post_norm;
+} gr_attn_block;
+/* y = x + post_norm(attn_output(attention(...))) for x (n_tok, n_embd) at positions pos: the chain of
+ * gr_matmul_multi, bias adds, gr_qk_norm_rope (storing this batch's keys, values and positions at rows
+ * `slots` of the layer's caches), gr_attention over the first n_kv cache rows, gr_matmul, gr_rms_norm and
+ * the residual add, the same bits as those calls one by one. y must not overlap x. */
+int  gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, const int32_t *pos,
+                        const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache,
+                        int64_t n_kv, float *y);
+
 /* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
 /* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].
  * gate_w/up_w/down_w: one pointer per expert (n_expert of each) to its packed rows: gate and up are

@@ -1001,3 +1001,65 @@ def test_fused_calls_reject_bad_arguments():
                                f.from_buffer("float[]", y)) == lib.GR_E_ARG
     with pytest.raises(ValueError, match="ffn"):  # act 7 is no activation
         ops.ffn(a, a, ops.Linear(_qtensor(T.Q4_0, 64, 32, rng)), x.reshape(1, 64), 7)
+
+
+ATTN_CONFIGS = {  # what each architecture's attention asks of gr_attention_block
+    "llama": dict(n_head=4, n_head_kv=2, dk=32, dv=32, mode=0, window=0),
+    "qwen-biases": dict(n_head=4, n_head_kv=1, dk=32, dv=32, mode=2, window=0, biases=True),
+    "gemma3-swa": dict(n_head=4, n_head_kv=2, dk=32, dv=32, mode=2, window=6, qk_norm=True, post_norm=True),
+    "step35-gated": dict(n_head=4, n_head_kv=2, dk=64, dv=32, mode=2, window=5, qk_norm=True, gate=True,
+                         n_rot=32, freq_factors=True),
+}
+
+
+@pytest.mark.parametrize("cfg", ATTN_CONFIGS.values(), ids=ATTN_CONFIGS.keys())
+def test_attention_block_equals_its_steps(cfg):
+    """gr_attention_block gives x + post_norm(wo(attention(...))) and the cache writes of the separate
+    calls (projections with the folded norm, biases, q/k norm + rope + store, attention, output
+    projection, post-norm, residual) bit for bit: decode and batches, a sliding-window ring that wraps."""
+    from ggufrun import ops
+    from ggufrun.kv_cache import KVCache, LayerCacheSpec
+    rng = np.random.default_rng(5)
+    n_embd, nh, nkv, dk, dv = 64, cfg["n_head"], cfg["n_head_kv"], cfg["dk"], cfg["dv"]
+    n_rot = cfg.get("n_rot", dk)
+    lins = [ops.Linear(_qtensor(T.Q8_0, rows, n_embd, rng, name)) for name, rows in
+            (("q", nh * dk), ("k", nkv * dk), ("v", nkv * dv))]
+    if cfg.get("gate"):
+        lins.append(ops.Linear(_qtensor(T.Q4_0, nh, n_embd, rng, "gate")))
+    wo = ops.Linear(_qtensor(T.Q4_0, n_embd, nh * dv, rng, "o"))
+    vec = lambda n: (rng.standard_normal(n) * 0.5 + 1).astype(np.float32)  # noqa: E731
+    biases = tuple(vec(lin.rows) for lin in lins[:3]) if cfg.get("biases") else (None, None, None)
+    qn, kn = (vec(dk), vec(dk)) if cfg.get("qk_norm") else (None, None)
+    post = vec(n_embd) if cfg.get("post_norm") else None
+    ff = np.linspace(1, 4, n_rot // 2).astype(np.float32) if cfg.get("freq_factors") else None
+    in_norm, eps, scale, base, fs = vec(n_embd), 1e-5, 1 / np.sqrt(dk), 10000.0, 0.5
+    block = ops.AttentionBlock(ops.LinearGroup(lins), wo, n_head=nh, n_head_kv=nkv, head_dim_k=dk, head_dim_v=dv,
+                               scale=scale, window=cfg["window"], n_rot=n_rot, rope_mode=cfg["mode"], rope_base=base,
+                               freq_scale=fs, freq_factors=ff, biases=biases, q_norm=qn, k_norm=kn, qk_eps=1e-6,
+                               in_norm=in_norm, post_norm=post, eps=eps)
+    cache = KVCache([LayerCacheSpec(nkv, dk, dv, cfg["window"])], n_ctx=64, max_batch=7)
+    ref_k, ref_v, ref_pos = cache.k[0].copy(), cache.v[0].copy(), cache.pos[0].copy()
+    n_past = 0
+    for n in (5, 1, 7, 1, 3, 1):  # the window-5/6 rings (12-13 slots) wrap
+        x = (rng.standard_normal((n, n_embd)) * 2).astype(np.float32)
+        pos = np.arange(n_past, n_past + n, dtype=np.int32)
+        got = block(x, pos, cache, 0)
+
+        q, k, v, *gate = ops.LinearGroup(lins)(x, in_norm, eps)
+        for out, b in zip((q, k, v), biases):
+            if b is not None:
+                out += b
+        q, k = q.reshape(n, nh, dk), k.reshape(n, nkv, dk)
+        slots, n_kv = cache.slots(0, pos)
+        ops.qk_norm_rope(q, k, pos, qn, kn, 1e-6, n_rot, base, cfg["mode"], fs, ff,
+                         (v.reshape(n, nkv, dv), slots, ref_k, ref_v, ref_pos))
+        a = ops.attention(q, ref_k[:n_kv], ref_v[:n_kv], pos, ref_pos[:n_kv], scale, cfg["window"],
+                          gate=gate[0] if gate else None)
+        o = wo(a)
+        if post is not None:
+            o = ops.rms_norm(o, post, eps)
+        assert_same_floats(got, x + o)
+        np.testing.assert_array_equal(cache.k[0].view(np.uint16), ref_k.view(np.uint16))
+        np.testing.assert_array_equal(cache.v[0].view(np.uint16), ref_v.view(np.uint16))
+        np.testing.assert_array_equal(cache.pos[0], ref_pos)
+        n_past += n

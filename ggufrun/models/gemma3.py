@@ -64,16 +64,16 @@ class Block:
         pre = f"blk.{i}."
         self.eps = p.norm_eps
         self.attn_norm = small(f, pre + "attn_norm.weight", (p.n_embd,))
-        self.attn = Attention(f, pre, p.n_embd, attn_cfg)
         self.attn_post_norm = small(f, pre + "post_attention_norm.weight", (p.n_embd,))
+        self.attn = Attention(f, pre, p.n_embd, attn_cfg, norm=self.attn_norm, eps=p.norm_eps,
+                              post_norm=self.attn_post_norm)
         self.ffn_norm = small(f, pre + "ffn_norm.weight", (p.n_embd,))
         self.ffn = GatedFFN(f, pre, p.n_embd, p.n_ff, "gelu")
         self.ffn_post_norm = small(f, pre + "post_ffw_norm.weight", (p.n_embd,))
 
     def __call__(self, x, positions, cache, i):
         # the pre-norms are folded into the projection calls (bit for bit the separate rms_norm)
-        a = self.attn(x, positions, cache, i, self.attn_norm, self.eps)
-        h = x + rms_norm(a, self.attn_post_norm, self.eps)
+        h = self.attn(x, positions, cache, i)  # x + rms_norm(attention(rms_norm(x) * attn_norm)) * attn_post_norm
         m = self.ffn(h, self.ffn_norm, self.eps)
         return h + rms_norm(m, self.ffn_post_norm, self.eps)
 

@@ -55,7 +55,7 @@ class Block:
         pre = f"blk.{i}."
         self.eps = p.norm_eps
         self.attn_norm = small(f, pre + "attn_norm.weight", (p.n_embd,))
-        self.attn = Attention(f, pre, p.n_embd, attn_cfg)
+        self.attn = Attention(f, pre, p.n_embd, attn_cfg, norm=self.attn_norm, eps=p.norm_eps)
         self.ffn_norm = small(f, pre + "ffn_norm.weight", (p.n_embd,))
         if p.n_expert and pre + "ffn_gate_inp.weight" in f:
             # Mixtral: softmax router over all experts, top-k, weights renormalised over the chosen
@@ -67,8 +67,7 @@ class Block:
 
     def __call__(self, x, positions, cache, i):
         # the norms are folded into the projection calls (bit for bit the separate rms_norm)
-        h = self.attn(x, positions, cache, i, self.attn_norm, self.eps)
-        h += x
+        h = self.attn(x, positions, cache, i)  # x + attention(rms_norm(x) * attn_norm)
         y = self.ffn(h, self.ffn_norm, self.eps)
         y += h
         return y

@@ -21,7 +21,7 @@ from ..gguf_file import GGUFError, GGUFFile
 from ..kv_cache import LayerCacheSpec
 from ..layers import Attention, AttentionConfig, RopeConfig, small
 from ..moe import GATING_SIGMOID, MoE, ExpertStore, RouterConfig, SwiGLU
-from ..ops import ROPE_NEOX, Linear, attention, embed_rows, rms_norm
+from ..ops import ROPE_NEOX, Linear, embed_rows, rms_norm
 from .base import TransformerLM, hparam, per_layer
 
 SWA_ROPE_BASE = 10000.0   # llama.cpp's default when rope.freq_base_swa is absent
@@ -109,29 +109,15 @@ class Params:
                                norm_eps=self.norm_eps)
 
 
-class GatedAttention(Attention):
-    """The shared attention, with each head's output scaled by sigmoid(attn_gate(x)) before attn_output."""
-
-    def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: AttentionConfig):
-        super().__init__(f, prefix, n_embd, cfg)
-        g = f.maybe_tensor(prefix + "attn_gate.weight", (cfg.n_head, n_embd))
-        self.gate = None if g is None else Linear(g)
-        if self.gate is not None:  # the gate reads the attention's input: one call with q, k, v
-            self.set_projections((self.gate,))
-
-    def __call__(self, x, positions, cache, layer, norm=None, eps=0.0):
-        c = self.cfg
-        q, keys, values, key_pos, *gate = self.qkv(x, positions, cache, layer, norm, eps)
-        a = attention(q, keys, values, positions, key_pos, c.scale, c.window, gate=gate[0] if gate else None)
-        return self.wo(a)
-
-
 class Block:
     def __init__(self, f: GGUFFile, i: int, p: Params, experts: ExpertStore):
         pre = f"blk.{i}."
         self.eps = p.norm_eps
         self.attn_norm = small(f, pre + "attn_norm.weight", (p.n_embd,))
-        self.attn = GatedAttention(f, pre, p.n_embd, p.attention_config(i))
+        # each head's output scaled by sigmoid(attn_gate(x)) before attn_output, when the file has the gate
+        g = f.maybe_tensor(pre + "attn_gate.weight", (p.n_head[i], p.n_embd))
+        self.attn = Attention(f, pre, p.n_embd, p.attention_config(i), norm=self.attn_norm, eps=p.norm_eps,
+                              gate=None if g is None else Linear(g))
         self.ffn_norm = small(f, pre + "ffn_norm.weight", (p.n_embd,))
         if p.is_moe[i]:
             shared = None
@@ -147,8 +133,7 @@ class Block:
 
     def __call__(self, x, positions, cache, i):
         # the norms are folded into the projection calls (bit for bit the separate rms_norm)
-        h = self.attn(x, positions, cache, i, self.attn_norm, self.eps)
-        h += x
+        h = self.attn(x, positions, cache, i)  # x + attention(rms_norm(x) * attn_norm)
         y = self.ffn(h, self.ffn_norm, self.eps)
         y += h
         return y
