@@ -523,6 +523,10 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     return rc;
 }
 
+/* Threads for a pass of `work` multiply-adds: below this much work a wake-up of the pool costs more
+ * than it saves, and the pass runs on the calling thread. */
+static int pool_share(double work, int nth) { return work >= 65536.0 ? nth : 1; }
+
 /* gr_matmul with api_mutex held and arguments checked. */
 static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_stride,
                          const float *x, int64_t n_tok, float *y) {
@@ -530,8 +534,7 @@ static int matmul_locked(int qtype, const void *w, int64_t rows, int64_t cols, i
     const int bs = gr_block_size(qtype);
     int nth = gr_pool_threads();
     int act_type = gr_act_type(qtype);
-    /* Below this much work a wake-up of the pool costs more than it saves. */
-    int parallel = (double)rows * (double)cols * (double)n_tok >= 65536.0 ? nth : 1;
+    int parallel = pool_share((double)rows * (double)cols * (double)n_tok, nth);
 
     /* F32 activations are used as they are; every other format carries act_precision terms. */
     int terms = act_type == GR_T_F32 ? 1 : act_precision;
@@ -732,7 +735,7 @@ static int multi_decode_locked(int n_mat, const int *qtypes, const void *const *
     for (int s = 0; s < n_sets; s++) bytes += act_set_bytes(&sets[s], n_tok);
     uint8_t *buf = scratch_reserve(bytes);
     if (!buf) return GR_E_NOMEM;
-    const int parallel = work >= 65536.0 ? nth : 1;
+    const int parallel = pool_share(work, nth);
     acts_prepare(k, sets, n_sets, n_tok, buf, parallel);
     gemv_job jobs[MULTI_MAX];
     int64_t c0 = 0, batch_rows = 0;
@@ -852,7 +855,7 @@ int gr_moe_decode(int gate_qtype, const void *const *gate_w, int up_qtype, const
     float *f = fscratch_reserve((size_t)n_sel * (size_t)(2 * n_ff + n_embd));
     if (!f) { rc = GR_E_NOMEM; goto done; }
     float *g = f, *u = g + n_sel * n_ff, *d = u + n_sel * n_ff;
-    const int parallel = (double)n_sel * (double)n_ff * (double)n_embd >= 65536.0 ? nth : 1;
+    const int parallel = pool_share((double)n_sel * (double)n_ff * (double)n_embd, nth);
 
     /* gate and up of every selected expert, from x quantized once per activation format */
     const int at_g = gr_act_type(gate_qtype), at_u = gr_act_type(up_qtype), at_d = gr_act_type(down_qtype);
@@ -1034,7 +1037,7 @@ int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
     float *xs = f, *g = xs + n_pairs * n_embd, *u = g + n_pairs * n_ff, *d = u + n_pairs * n_ff;
     for (int64_t r = 0; r < n_pairs; r++)
         memcpy(xs + r * n_embd, x + order[r] / n_used * n_embd, sizeof(float) * (size_t)n_embd);
-    const int parallel = (double)n_pairs * (double)n_ff * (double)n_embd >= 65536.0 ? nth : 1;
+    const int parallel = pool_share((double)n_pairs * (double)n_ff * (double)n_embd, nth);
 
     const int at_g = gr_act_type(gate_qtype), at_u = gr_act_type(up_qtype), at_d = gr_act_type(down_qtype);
     act_set sets[2];
