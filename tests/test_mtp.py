@@ -289,6 +289,28 @@ def test_an_idle_head_catches_up_apart_and_timed(llms):
         del head.hidden
 
 
+def test_prompt_processing_brings_the_drafting_heads_up_to_date(llms):
+    """A prompt prefilled for MTP with at most k drafts leaves heads 0..k-1 caught up over it (as
+    llama.cpp's MTP prompt processing does), so the first decode step carries no catch-up; the rest
+    stay lazy; drafts equal those of heads that caught up in the step."""
+    llm = llms["echo"]
+    ids = llm.tokenize(PROMPTS[1])
+    pick = lambda lg: (int(np.argmax(lg)), None)  # noqa: E731
+    llm.reset()
+    llm._eval_hidden(ids)                   # the heads left to catch up in the first draft
+    d = llm._mtp_drafter()
+    assert [c.n_past for c in d.caches] == [0, 0, 0]
+    drafts_lazy, _ = d.draft(list(llm.tokens), 42, 2, pick)
+    llm.reset()
+    llm._prefill(ids, mtp=2)
+    d = llm._mtp_drafter()
+    assert [c.n_past for c in d.caches] == [len(ids), len(ids), 0]
+    d.catchup_seconds = 0.0
+    drafts_eager, _ = d.draft(list(llm.tokens), 42, 2, pick)
+    assert d.catchup_seconds == 0.0
+    assert drafts_eager == drafts_lazy
+
+
 def test_prefix_reuse_and_switching_mtp_on_and_off(llms):
     llm = llms["echo"]
     ref, _ = greedy(llm, PROMPTS[0], 0)
