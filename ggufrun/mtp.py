@@ -4,9 +4,10 @@ Drafting follows llama.cpp's step35 MTP graph and its `draft-mtp` speculative dr
 
   - every MTP head j has its own one-layer KV cache. For each committed position p it holds the entry
     computed from (trunk pre-norm hidden state of p - 1, token at p) (zeros for p = 0); llama.cpp's
-    process() writes these for every batch the trunk evaluates, for all heads. Here a head catches up
-    lazily, from the recorded trunk hidden states, when it is next used (a head left unused by the
-    adaptive draft length costs nothing).
+    process() writes these for every batch the trunk evaluates, for all heads. Here prompt processing
+    brings the heads a generation may draft with up to date (api.LLM._eval_hidden); after that a head
+    catches up lazily, from the recorded trunk hidden states, when it is next used (a head left unused
+    by the adaptive draft length costs nothing while it is).
   - a draft from the last committed position P - 1 and the token `id_last` at P (sampled, not yet
     evaluated by the trunk) runs head 0 on the row (h_trunk[P-1], id_last) -> d1 and h0; head 1 on
     the rows (h_trunk[P-1], id_last), (h0, d1) at P, P+1 -> d2 and h1; head i on i + 1 rows, where row
