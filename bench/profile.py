@@ -66,9 +66,11 @@ def install() -> None:
             continue
         if hasattr(mod, "ffn"):
             mod.ffn = timed("ffn gate+up+glu+down (+norm)", ops.ffn)
-        if mod_name == "moe":  # (the class, shared by every module that imports it: wrapped once)
+        if mod_name == "moe":  # (the classes, shared by every module that imports them: wrapped once)
             mod.ExpertStore.ffn = (lambda f: lambda self, *a, **k: timed("moe experts", f)(self, *a, **k))(
                 mod.ExpertStore.ffn)
+            mod.MoE.fused = (lambda f: lambda self, *a, **k: timed("moe layer (router, experts, shared)", f)(
+                self, *a, **k))(mod.MoE.fused)
         for fn in ("rms_norm", "rope", "qk_norm_rope", "glu", "attention", "embed_rows"):
             if hasattr(mod, fn):
                 setattr(mod, fn, timed(fn, getattr(ops, fn)))

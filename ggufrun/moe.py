@@ -1,8 +1,9 @@
 """Mixture-of-experts feed-forward, shared by the MoE architectures.
 
-Python decides, C computes: the router (a few hundred scores per token) and the top-k choice are
-numpy; all selected experts of a batch (gate, up, clamped SwiGLU, down, weighted sum) are one native
-call, `gr_moe_ffn`, which groups tokens by expert so each active expert runs one matrix product.
+Python decides, C computes: a layer -- router product, top-k choice, all selected experts of the batch
+(gate, up, clamped SwiGLU, down, weighted sum, tokens grouped by expert so each active expert runs one
+matrix product) and the shared expert -- is one native call, `gr_moe_block`; with an expert cache it
+runs in steps (router, then `gr_moe_ffn` once the cache has placed the chosen experts).
 
 Every access to routed experts goes through the ExpertStore: it owns the per-expert views (slices of
 the mapped 3-D `ffn_*_exps` tensors, never copies; only the selected experts' bytes are read) and
@@ -204,8 +205,42 @@ class MoE:
         store.add_layer(il, prefix, router.n_expert, n_ff_exp, n_embd)
         self.limit = limit_exp
         self.shared = shared
+        L, r = store.layers[il], self.router
+        sh = (shared.gate, shared.up, shared.down) if shared is not None else ()
+        self._keep = (r.bias, L.ptrs)
+        self._layer = _ffi.new("gr_moe_layer *", {
+            "n_embd": n_embd, "n_expert": router.n_expert, "n_used": router.n_used, "n_ff": n_ff_exp,
+            "router_qtype": r.w.qtype, "router_w": r.w._w, "gating": router.gating,
+            "bias": _ffi.NULL if r.bias is None else _f32(r.bias), "norm_weights": int(router.norm_weights),
+            "weights_scale": r._scale, "gate_qtype": int(L.gate.qtype), "up_qtype": int(L.up.qtype),
+            "down_qtype": int(L.down.qtype), "gate_w": L.ptrs[0], "up_w": L.ptrs[1], "down_w": L.ptrs[2],
+            "limit": float(limit_exp), "shared_n_ff": shared.n_ff if shared is not None else 0,
+            "shared_qtypes": [lin.qtype for lin in sh] or [0, 0, 0], "shared_w": [lin._w for lin in sh] or
+            [_ffi.NULL] * 3, "shared_clamp": shared._clamp if shared is not None else 0.0})
+        self._what = f"moe {prefix}"
 
     def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        """moe(x') + shared(x'), x' = x or rms_norm(x) * norm."""
+        if self.store.cache is None:
+            return self.fused(x, norm, eps)
+        return self.staged(x, norm, eps)
+
+    def fused(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        """The whole layer in one native call (gr_moe_block): router with the norm folded in, top-k,
+        routed experts, shared expert; the choice comes back for the store's statistics."""
+        n = x.shape[0]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        c = self.router.cfg
+        ids = np.empty((n, c.n_used), dtype=np.int32)
+        w = np.empty((n, c.n_used), dtype=np.float32)
+        y = np.empty((n, x.shape[1]), dtype=np.float32)
+        _check(_lib.gr_moe_block(self._layer, _f32(x), n, _ffi.NULL if norm is None else _f32(norm), eps,
+                                 _from_buffer(_INT32S, ids, True), _f32(w), _f32(y)), self._what)
+        self.store.record(self.il, ids)
+        return y
+
+    def staged(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
+        """The same in steps, for an expert cache, which places the chosen experts before they run."""
         if norm is not None:  # the norm rides on the router's call, which hands back the normed input
             xn = np.empty_like(x, dtype=np.float32)
             ids, w = self.router(x, norm, eps, xn)

@@ -1,5 +1,5 @@
-/* The attention half of a decoder block as one call: the ops a model file would otherwise drive from
- * Python one call each -- projections with the block's input norm folded in, biases, per-head norms and
+/* The attention half of a decoder block as one call (and a MoE layer's FFN as another, below): the ops
+ * a model file would otherwise drive from Python one call each -- projections with the block's input norm folded in, biases, per-head norms and
  * rope with the KV store, attention, the output projection, an optional post-norm, the residual. Each step
  * is the public function that is tested on its own, called in the order the separate calls would run, so
  * the result is the same bits; what the call saves is the Python between them, ~30 us a layer (the
@@ -43,6 +43,37 @@ int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, co
     if (b->post_norm) gr_rms_norm(y, b->post_norm, y, n_tok, b->n_embd, b->eps);
     for (int64_t i = 0; i < n_tok * b->n_embd; i++) y[i] += x[i];
 done:
+    free(buf);
+    return rc;
+}
+
+/* A MoE layer's FFN as one call: the router product with the block's norm folded in (which also hands
+ * back the normed input), the top-k choice, the routed experts and the shared expert, each the public
+ * function a model file would call, in that order, so the result is their bits. */
+int gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const float *norm_w, float eps,
+                 int32_t *ids, float *weights, float *y) {
+    if (!b || !x || !ids || !weights || !y || n_tok <= 0) return GR_E_ARG;
+    const int64_t n_embd = b->n_embd;
+    float *buf = malloc(sizeof(float) * (size_t)(n_tok * (2 * n_embd + b->n_expert)));
+    if (!buf) return GR_E_NOMEM;
+    float *xn = buf, *shared = xn + n_tok * n_embd, *logits = shared + n_tok * n_embd;
+    const int64_t rows = b->n_expert;
+    int rc = gr_matmul_multi(1, &b->router_qtype, &b->router_w, &rows, n_embd, x, n_tok, norm_w, eps,
+                             norm_w ? xn : NULL, logits);
+    const float *xin = norm_w ? xn : x;
+    if (rc == GR_OK)
+        rc = gr_moe_route(logits, n_tok, b->n_expert, b->n_used, b->gating, b->bias, b->norm_weights,
+                          b->weights_scale, ids, weights);
+    if (rc == GR_OK)
+        rc = gr_moe_ffn(b->gate_qtype, b->gate_w, b->up_qtype, b->up_w, b->down_qtype, b->down_w, b->n_expert,
+                        n_embd, b->n_ff, xin, n_tok, b->n_used, ids, weights, b->limit, y);
+    if (rc == GR_OK && b->shared_n_ff > 0) {
+        rc = gr_ffn(b->shared_qtypes[0], b->shared_w[0], b->shared_qtypes[1], b->shared_w[1], b->shared_qtypes[2],
+                    b->shared_w[2], n_embd, b->shared_n_ff, xin, n_tok, NULL, 0.0f, GR_ACT_SILU, b->shared_clamp,
+                    shared);
+        if (rc == GR_OK)
+            for (int64_t i = 0; i < n_tok * n_embd; i++) y[i] += shared[i];
+    }
     free(buf);
     return rc;
 }

@@ -162,6 +162,34 @@ int  gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, c
                         const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache,
                         int64_t n_kv, float *y);
 
+/* A MoE layer's FFN: the router (n_expert rows of n_embd, router_qtype) and gr_moe_route's choice
+ * (gating, bias or NULL, norm_weights, weights_scale), the routed experts as gr_moe_ffn takes them,
+ * and a shared expert (shared_n_ff > 0: gate, up, down as gr_ffn takes them, SiLU, shared_clamp). */
+typedef struct {
+    int64_t n_embd, n_expert, n_used, n_ff;
+    int router_qtype;
+    const void *router_w;
+    int gating;
+    const float *bias;
+    int norm_weights;
+    float weights_scale;
+    int gate_qtype, up_qtype, down_qtype;
+    const void *const *gate_w;
+    const void *const *up_w;
+    const void *const *down_w;
+    float limit;
+    int64_t shared_n_ff;
+    int shared_qtypes[3];
+    const void *shared_w[3];
+    float shared_clamp;
+} gr_moe_layer;
+/* y = moe(x') + shared(x'), x' = x or (norm_w not NULL) rms_norm(x) * norm_w, for x (n_tok, n_embd):
+ * gr_matmul_multi of the router with the norm folded in, gr_moe_route into ids and weights (n_tok,
+ * n_used: the choice, for the caller's statistics), gr_moe_ffn, gr_ffn of the shared expert, the sum;
+ * the same bits as those calls one by one. y must not overlap x. */
+int  gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const float *norm_w, float eps,
+                  int32_t *ids, float *weights, float *y);
+
 /* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
 /* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].
  * gate_w/up_w/down_w: one pointer per expert (n_expert of each) to its packed rows: gate and up are

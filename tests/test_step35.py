@@ -177,6 +177,29 @@ def test_moe_one_call_equals_per_expert_products(files, text_ids):
     assert store.counts[moe.il].sum() >= ids.size
 
 
+def test_moe_layer_in_one_call_equals_its_steps(files):
+    """gr_moe_block (router with the norm folded in, top-k, routed experts, shared expert) gives the
+    staged calls' output and choice bit for bit, decode and batches, with and without the norm; the
+    store counts the choice either way."""
+    from ggufrun.moe import MoE
+    llm = ggufrun.load(str(files[("gqa", "Q4_K_M")]), n_ctx=512)
+    blocks = [b for b in llm.model.blocks if isinstance(b.ffn, MoE)]
+    assert blocks and any(b.ffn.shared is not None for b in blocks)
+    rng = np.random.default_rng(3)
+    for b in blocks[:3]:
+        moe, store = b.ffn, llm.model.experts
+        for n in (1, 3, 9):
+            x = (rng.standard_normal((n, llm.model.n_embd)) * 2).astype(np.float32)
+            for norm in (b.ffn_norm, None):
+                before = store.counts[moe.il].copy()
+                got = moe.fused(x, norm, b.eps)
+                chosen = store.counts[moe.il] - before
+                want = moe.staged(x, norm, b.eps)
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (moe.il, n, norm is None)
+                assert chosen.sum() == n * moe.router.cfg.n_used
+                np.testing.assert_array_equal(store.counts[moe.il] - before, 2 * chosen)  # same choice twice
+
+
 def _write_without(tmp_path, drop_tensor=None, drop_key=None, set_keys=None):
     cfg = step35_tiny.CONFIGS["mha-mqa"]
     w = step35_tiny.weights(cfg)
