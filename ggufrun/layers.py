@@ -45,8 +45,7 @@ class AttentionConfig:
 class Attention:
     """x + attention(x), as one native call (ops.AttentionBlock): `norm` is the block's input RMS norm
     (folded into the projections), `post_norm` an RMS norm of the attention output before the residual
-    (gemma3); `extra` matrices of the same input join the q/k/v projection call, and with `gate` the
-    first of them scales each head's output by sigmoid(gate(x)) (step35)."""
+    (gemma3), `gate` a projection of the same input whose sigmoid scales each head's output (step35)."""
 
     def __init__(self, f: GGUFFile, prefix: str, n_embd: int, cfg: AttentionConfig, norm: np.ndarray | None = None,
                  eps: float = 0.0, post_norm: np.ndarray | None = None, gate: Linear | None = None):

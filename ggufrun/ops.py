@@ -127,7 +127,7 @@ class AttentionBlock:
     attention, the output projection and the residual, the same bits as calling them one by one. The
     weights, norms and shapes are bound once here; a call passes only the tokens and where they go."""
 
-    __slots__ = ("_desc", "_keep", "n_embd", "window", "_what")
+    __slots__ = ("_desc", "_keep", "n_embd", "_what")
 
     def __init__(self, proj: LinearGroup, wo: Linear, *, n_head: int, n_head_kv: int, head_dim_k: int,
                  head_dim_v: int, scale: float, window: int, n_rot: int, rope_mode: int, rope_base: float,
@@ -147,7 +147,6 @@ class AttentionBlock:
             "freq_factors": ptr(freq_factors), "scale": scale, "window": window, "o_qtype": wo.qtype,
             "o_w": wo._w, "o_row_stride": wo.stride, "post_norm": ptr(post_norm)})
         self.n_embd = proj.cols
-        self.window = window
         self._what = f"attention block {wo.name}"
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache, layer: int) -> np.ndarray:
