@@ -1,9 +1,10 @@
 /* The attention half of a decoder block as one call (and a MoE layer's FFN as another, below): the ops
- * a model file would otherwise drive from Python one call each -- projections with the block's input norm folded in, biases, per-head norms and
- * rope with the KV store, attention, the output projection, an optional post-norm, the residual. Each step
- * is the public function that is tested on its own, called in the order the separate calls would run, so
- * the result is the same bits; what the call saves is the Python between them, ~30 us a layer (the
- * wrappers' buffer allocations and pointer conversions), about 8% of a SmolLM2 decode token. */
+ * a model file would otherwise drive from Python one call each -- projections with the block's input
+ * norm folded in, biases, per-head norms and rope with the KV store, attention, the output projection,
+ * an optional post-norm, the residual. Each step is the public function that is tested on its own,
+ * called in the order the separate calls would run, so the result is the same bits; what the call
+ * saves is the Python between them, ~30 us a layer (the wrappers' buffer allocations and pointer
+ * conversions), about 8% of a SmolLM2 decode token. */
 #include <stdlib.h>
 #include "ggufrun.h"
 

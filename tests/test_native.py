@@ -1003,6 +1003,49 @@ def test_fused_calls_reject_bad_arguments():
         ops.ffn(a, a, ops.Linear(_qtensor(T.Q4_0, 64, 32, rng)), x.reshape(1, 64), 7)
 
 
+
+def test_block_calls_refuse_bad_descriptions():
+    """gr_attention_block and gr_moe_block check what they are given before they compute: a projection
+    whose rows do not match the heads is a shape error, an out-of-range projection count, a missing
+    array or no tokens an argument error, a step's own refusal (an unknown router type) comes back
+    as it is; the KV cache is left untouched."""
+    from ggufrun import ops
+    from ggufrun.kv_cache import KVCache, LayerCacheSpec
+    rng = np.random.default_rng(4)
+    f = native._ffi
+    lib = native._load()
+    q, k, v = (ops.Linear(_qtensor(T.Q8_0, rows, 64, rng, name)) for name, rows in (("q", 64), ("k", 32), ("v", 32)))
+    wo = ops.Linear(_qtensor(T.Q8_0, 64, 64, rng, "o"))
+    kw = dict(n_head_kv=1, head_dim_k=32, head_dim_v=32, scale=0.125, window=0, n_rot=32, rope_mode=ops.ROPE_NEOX,
+              rope_base=10000.0, freq_scale=1.0, freq_factors=None)
+    cache = KVCache([LayerCacheSpec(1, 32, 32)], n_ctx=16, max_batch=4)
+    x, pos = np.ones((1, 64), np.float32), np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match="attention block o: bad shape or size"):  # 64 q rows are 2 heads, not 3
+        ops.AttentionBlock(ops.LinearGroup([q, k, v]), wo, n_head=3, **kw)(x, pos, cache, 0)
+    block = ops.AttentionBlock(ops.LinearGroup([q, k, v]), wo, n_head=2, **kw)
+    block._desc.n_proj = 5
+    with pytest.raises(ValueError, match="attention block o: argument out of range"):
+        block(x, pos, cache, 0)
+    assert (cache.pos[0] == cache.pos[0][0]).all() and not cache.k[0].any()
+    block._desc.n_proj = 3
+    y = np.zeros((1, 64), np.float32)
+    i32 = lambda a: f.from_buffer("int32_t[]", a)  # noqa: E731
+    rc = lib.gr_attention_block(block._desc, f.from_buffer("float[]", x), 1, i32(pos), i32(pos), f.NULL, f.NULL,
+                                i32(cache.pos[0]), 1, f.from_buffer("float[]", y))
+    with pytest.raises(ValueError, match="argument out of range"):
+        native._check(rc, "attention block")
+
+    router = ops.Linear(_qtensor(T.F32, 4, 64, rng, "router"))
+    layer = f.new("gr_moe_layer *", {"n_embd": 64, "n_expert": 4, "n_used": 2, "n_ff": 32, "router_qtype": 99,
+                                     "router_w": router._w, "gating": lib.GR_GATING_SOFTMAX, "weights_scale": 1.0})
+    ids, w = np.zeros((1, 2), np.int32), np.zeros((1, 2), np.float32)
+    args = (f.from_buffer("float[]", x), 1, f.NULL, 0.0, i32(ids), f.from_buffer("float[]", w),
+            f.from_buffer("float[]", y))
+    with pytest.raises(ValueError, match="moe: quant type not supported"):
+        native._check(lib.gr_moe_block(layer, *args), "moe")
+    with pytest.raises(ValueError, match="moe: argument out of range"):  # no tokens
+        native._check(lib.gr_moe_block(layer, args[0], 0, *args[2:]), "moe")
+
 ATTN_CONFIGS = {  # what each architecture's attention asks of gr_attention_block
     "llama": dict(n_head=4, n_head_kv=2, dk=32, dv=32, mode=0, window=0),
     "qwen-biases": dict(n_head=4, n_head_kv=1, dk=32, dv=32, mode=2, window=0, biases=True),
