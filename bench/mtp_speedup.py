@@ -100,9 +100,8 @@ def step_costs(llm, ids) -> dict:
 
         def f(head=head, c=c, j=j):
             rows = j + 1
-            head.hidden(np.array(real[:rows]), np.zeros((rows, m.n_embd), np.float32),
-                        np.arange(P, P + rows, dtype=np.int32), c)
-            head.logits(h)
+            head.forward(np.array(real[:rows]), np.zeros((rows, m.n_embd), np.float32),
+                         np.arange(P, P + rows, dtype=np.int32), c)
             c.truncate(P)
         out[f"head{j}_call_{j + 1}rows"] = timeit(f)
 

@@ -276,8 +276,8 @@ class MTPDrafter:
                 self.catchup_seconds += time.perf_counter() - t0
             rows_t = np.concatenate([np.asarray(tokens[s:P], dtype=np.int64), np.array(toks, dtype=np.int64)])
             rows_h = np.concatenate([self._h_prev(s, P), np.stack(chain_h)]) if s < P else np.stack(chain_h)
-            hs = self.heads[i].hidden(rows_t, rows_h, np.arange(s, P + i + 1, dtype=np.int32), c)
-            tok, q = pick(self.heads[i].logits(hs[-1:])[0])
+            hs, logits = self.heads[i].forward(rows_t, rows_h, np.arange(s, P + i + 1, dtype=np.int32), c)
+            tok, q = pick(logits)
             drafts.append(tok)
             qs.append(q)
             chain_h.append(hs[-1])

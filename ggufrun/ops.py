@@ -24,6 +24,7 @@ _ffi = native._ffi
 _FLOATS = _ffi.typeof("float[]")
 _INT32S = _ffi.typeof("int32_t[]")
 _UINT16S = _ffi.typeof("uint16_t[]")
+_BYTES = _ffi.typeof("uint8_t[]")
 
 
 # ffi.from_buffer is a Python wrapper that re-parses its arguments; on the hot path (a dozen buffers per
@@ -154,25 +155,36 @@ class AttentionBlock:
         n = x.shape[0]
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((n, self.n_embd), dtype=np.float32)
-        slots, n_kv = cache.slots(layer, positions)
-        arrays = cache.native.get(layer)
-        if arrays is None:  # the layer's cache arrays never move: their pointers are made once
-            arrays = cache.native[layer] = (_from_buffer(_UINT16S, cache.k[layer].view(np.uint16), True),
-                                            _from_buffer(_UINT16S, cache.v[layer].view(np.uint16), True),
-                                            _from_buffer(_INT32S, cache.pos[layer], True))
-        pos_ptr = _from_buffer(_INT32S, positions, False)
-        _check(_lib.gr_attention_block(self._desc, _f32(x), n, pos_ptr,
-                                       pos_ptr if slots is positions else _from_buffer(_INT32S, slots, False),
-                                       *arrays, n_kv, _f32(y)), self._what)
+        _check(_lib.gr_attention_block(self._desc, _f32(x), n, *cache_args(cache, layer, positions), _f32(y)),
+               self._what)
         return y
+
+
+def cache_args(cache, layer: int, positions: np.ndarray) -> tuple:
+    """The KV-cache arguments of the block calls for tokens at `positions` (int32) of `cache`'s layer:
+    positions, slots, keys, values, key positions, rows to attend over."""
+    slots, n_kv = cache.slots(layer, positions)
+    arrays = cache.native.get(layer)
+    if arrays is None:  # the layer's cache arrays never move: their pointers are made once
+        arrays = cache.native[layer] = (_from_buffer(_UINT16S, cache.k[layer].view(np.uint16), True),
+                                        _from_buffer(_UINT16S, cache.v[layer].view(np.uint16), True),
+                                        _from_buffer(_INT32S, cache.pos[layer], True))
+    pos_ptr = _from_buffer(_INT32S, positions, False)
+    return (pos_ptr, pos_ptr if slots is positions else _from_buffer(_INT32S, slots, False), *arrays, n_kv)
 
 
 def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of an embedding matrix, dequantized; only those rows' bytes are touched."""
-    rb = w.row_bytes
-    table = w.data.reshape(w.shape[0], rb)
-    picked = np.ascontiguousarray(table[np.asarray(ids, dtype=np.int64)])
-    return native.dequantize(picked, w.qtype).reshape(len(ids), w.shape[1])
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    n_rows, n_cols = w.shape[0], w.shape[1]
+    out = np.empty((len(ids), n_cols), dtype=np.float32)
+    rc = _lib.gr_get_rows(int(w.qtype), _from_buffer(_BYTES, w.data, False), n_rows, n_cols,
+                          _from_buffer(_INT32S, ids, False), len(ids), _f32(out))
+    if rc == -5:   # GR_E_ARG: an id outside the table
+        bad = int(ids[(ids < 0) | (ids >= n_rows)][0])
+        raise ValueError(f"tensor {w.name!r}: row {bad} is outside its {n_rows} rows")
+    _check(rc, f"embed rows of {w.name}")
+    return out
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:

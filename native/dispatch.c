@@ -168,6 +168,23 @@ int gr_dequantize(int qtype, const void *src, float *dst, int64_t n) {
     return GR_OK;
 }
 
+int gr_get_rows(int qtype, const void *table, int64_t n_rows, int64_t n_cols, const int32_t *ids, int64_t n,
+                float *dst) {
+    ensure_init();
+    if (qtype < 0 || qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].dequantize[qtype]) return GR_E_QTYPE;
+    const int bs = gr_block_size(qtype);
+    if (!table || !ids || !dst || n <= 0 || n_rows <= 0) return GR_E_ARG;
+    if (n_cols <= 0 || n_cols % bs) return GR_E_SHAPE;
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= n_rows) return GR_E_ARG;
+    const int64_t rb = row_bytes(qtype, n_cols);
+    pthread_mutex_lock(&api_mutex);
+    for (int64_t i = 0; i < n; i++)
+        tables[isa_current].dequantize[qtype]((const uint8_t *)table + ids[i] * rb, dst + i * n_cols, n_cols / bs);
+    pthread_mutex_unlock(&api_mutex);
+    return GR_OK;
+}
+
 /* ---------------------------------------------------------------- activations */
 
 int gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n) {

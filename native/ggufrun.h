@@ -40,6 +40,10 @@ int  gr_type_size(int qtype);    /* bytes per block, 0 if unknown */
 
 /* Dequantize n elements (a multiple of the block size) of type qtype at src into dst (float32). */
 int  gr_dequantize(int qtype, const void *src, float *dst, int64_t n);
+/* Rows ids[0..n) of an (n_rows, n_cols) qtype matrix of packed rows at table (an embedding), dequantized
+ * into dst (n, n_cols): only those rows' bytes are read. GR_E_ARG for an id outside [0, n_rows). */
+int  gr_get_rows(int qtype, const void *table, int64_t n_rows, int64_t n_cols, const int32_t *ids, int64_t n,
+                 float *dst);
 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tok, r < rows.
  * W: rows rows of cols elements of qtype, row r at w + r * row_stride bytes (row_stride >= cols / block *
@@ -189,6 +193,42 @@ typedef struct {
  * the same bits as those calls one by one. y must not overlap x. */
 int  gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const float *norm_w, float eps,
                   int32_t *ids, float *weights, float *y);
+
+/* An MTP (nextn) head of step35, as llama.cpp's DECODER_MTP graph runs it: the embedding table (n_vocab
+ * packed rows of n_embd) and the enorm/hnorm weights, eh_proj (n_embd rows of 2 n_embd), the head's
+ * decoder layer -- its attention half, then ffn_norm and either a MoE layer (moe) or a dense SwiGLU
+ * (ffn_qtypes/ffn_w: gate, up, down as gr_ffn takes them, n_ff, ffn_clamp) -- and the vocabulary
+ * projection (head: n_vocab rows of n_embd) after head_norm, all RMS norms with eps. */
+typedef struct {
+    int64_t n_embd, n_vocab;
+    int embd_qtype;
+    const void *embd;
+    const float *enorm, *hnorm;
+    float eps;
+    int eh_qtype;
+    const void *eh_w;
+    const gr_attn_block *attn;
+    const float *ffn_norm;
+    const gr_moe_layer *moe;
+    int ffn_qtypes[3];
+    const void *ffn_w[3];
+    int64_t n_ff;
+    float ffn_clamp;
+    const float *head_norm;
+    int head_qtype;
+    const void *head_w;
+} gr_mtp_head;
+/* n_tok rows of a head at positions pos (its one-layer KV cache as gr_attention_block takes it): row t
+ * pairs token tokens[t] with the hidden state h_prev[t] (n_embd floats) of the position before;
+ * x = eh_proj(concat(rms_norm(embd[token]) * enorm, rms_norm(h_prev) * hnorm)), h = x + attention,
+ * h_out = h + ffn(rms_norm(h) * ffn_norm): the next head's h input. logits (n_vocab floats): the last
+ * row's head(rms_norm(h_out) * head_norm). ids/weights (n_tok * n_used) receive a MoE FFN's choice
+ * (NULL for a dense one). gr_get_rows, gr_rms_norm, gr_matmul, gr_attention_block, gr_moe_block or
+ * gr_ffn and gr_matmul_multi in turn: the bits of those calls one by one. */
+int  gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float *h_prev, int64_t n_tok,
+                         const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
+                         int32_t *pos_cache, int64_t n_kv, int32_t *ids, float *weights, float *h_out,
+                         float *logits);
 
 /* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
 /* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].

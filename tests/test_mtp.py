@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
 import ggufrun  # noqa: E402
 from ggufrun import native  # noqa: E402
+from ggufrun.kv_cache import KVCache  # noqa: E402
 import quant  # noqa: E402
 import step35_tiny  # noqa: E402
 from ggufrun.mtp import (DraftController, ExpertReads, MTPStats, expected_tokens,  # noqa: E402
@@ -264,6 +265,52 @@ def test_rollback_leaves_trunk_and_head_caches_as_a_fresh_run(llms):
         assert drafts_after == drafts_fresh
 
 
+TRAINED = Path(__file__).resolve().parent.parent / "models" / "step35-mtp-py-Q8_0.gguf"
+
+
+@pytest.mark.parametrize("model", ["gqa", "echo-q8", "trained"])
+def test_a_head_in_one_call_equals_its_steps(llms, model):
+    """NextN.forward (the draft's one native call, gr_mtp_head_forward) gives the bits of hidden() and
+    logits() called step by step, writes the same KV rows, and hands MoE choices to the expert store:
+    MoE heads (gqa), Q8_0 dense ones of a trained file, batches of 1 to 5 rows after each other."""
+    llm = ggufrun.load(str(TRAINED), n_ctx=256) if model == "trained" else llms[model]
+    m = llm.model
+    rng = np.random.default_rng(3)
+    for head in m.nextn:
+        caches = [KVCache([head.cache_spec], 64, 8) for _ in range(2)]
+        recorded = [[], []]
+        store = m.mtp_experts
+        p = 0
+        for n in (5, 1, 3, 2, 4):
+            toks = rng.integers(0, m.n_vocab, n)
+            h_prev = rng.standard_normal((n, m.n_embd)).astype(np.float32)
+            pos = np.arange(p, p + n, dtype=np.int32)
+            out = []
+            for way, cache in enumerate(caches):
+                store.record = lambda il, ids, way=way: recorded[way].append((il, np.array(ids)))
+                try:
+                    if way == 0:
+                        h = head.hidden(toks, h_prev, pos, cache)
+                        out.append((h, head.logits(h[-1:])[0]))
+                    else:
+                        out.append(head.forward(toks, h_prev, pos, cache))
+                finally:
+                    del store.record
+            assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1]), (head.il, n)
+            assert caches[0].n_past == caches[1].n_past == p + n
+            p += n
+        for a, b in zip(caches[0].k + caches[0].v + caches[0].pos, caches[1].k + caches[1].v + caches[1].pos):
+            assert np.array_equal(a, b)
+        assert len(recorded[0]) == len(recorded[1]) == (5 if m.params.is_moe[head.il] else 0)
+        assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(*recorded))
+    if model == "gqa":
+        assert all(m.params.is_moe[h.il] for h in m.nextn)
+        head = m.nextn[0]
+        with pytest.raises(ValueError, match=f"mtp head blk.{head.il}"):
+            head.forward(np.array([m.n_vocab]), np.zeros((1, m.n_embd), np.float32), np.array([0], np.int32),
+                         KVCache([head.cache_spec], 64, 8))
+
+
 def test_an_idle_head_catches_up_apart_and_timed(llms):
     """A head far behind the trunk (after a prompt, or left unused by the controller) catches up in
     calls of its own, timed in catchup_seconds, which the controller does not charge to the step's
@@ -274,7 +321,9 @@ def test_an_idle_head_catches_up_apart_and_timed(llms):
     d = llm._mtp_drafter()
     rows = []
     head = d.heads[2]
+    # the rows of each call: catch-up runs hidden(), the draft forward() (the same rows and logits in one call)
     head.hidden = lambda t, h, p, c, orig=head.hidden: (rows.append(len(t)), orig(t, h, p, c))[1]
+    head.forward = lambda t, h, p, c, orig=head.forward: (rows.append(len(t)), orig(t, h, p, c))[1]
     try:
         pick = lambda lg: (int(np.argmax(lg)), None)  # noqa: E731
         d.catchup_seconds = 0.0
@@ -286,7 +335,7 @@ def test_an_idle_head_catches_up_apart_and_timed(llms):
         d.draft(list(llm.tokens), drafts[1], 3, pick)
         assert d.catchup_seconds == 0.0 and rows == [2 + 3], rows
     finally:
-        del head.hidden
+        del head.hidden, head.forward
 
 
 def test_prompt_processing_brings_the_drafting_heads_up_to_date(llms):

@@ -21,7 +21,8 @@ from ..gguf_file import GGUFError, GGUFFile
 from ..kv_cache import LayerCacheSpec
 from ..layers import Attention, AttentionConfig, RopeConfig, small
 from ..moe import GATING_SIGMOID, MoE, ExpertStore, RouterConfig, SwiGLU
-from ..ops import ROPE_NEOX, Linear, embed_rows, rms_norm
+from ..ops import ROPE_NEOX, Linear, cache_args, embed_rows, rms_norm
+from ..ops import _check, _f32, _ffi, _from_buffer, _INT32S, _lib
 from .base import TransformerLM, hparam, per_layer
 
 SWA_ROPE_BASE = 10000.0   # llama.cpp's default when rope.freq_base_swa is absent
@@ -161,6 +162,24 @@ class NextN:
         self.head = Linear(head) if head is not None else model.output
         self.block = Block(f, il, p, experts)
         self.cache_spec = LayerCacheSpec(p.n_head_kv[il], p.head_dim, p.head_dim_v, p.window if p.is_swa[il] else 0)
+        self._bind(p)
+
+    def _bind(self, p: Params) -> None:
+        """The head as one native call's description (gr_mtp_head_forward), bound once like the blocks."""
+        b, ffn = self.block, self.block.ffn
+        dense = not isinstance(ffn, MoE)
+        self._n_used = 0 if dense else ffn.router.cfg.n_used
+        self._keep = (self.embd, self.enorm, self.hnorm, b.ffn_norm, self.head_norm, self.eh_proj, self.head, ffn)
+        self._desc = _ffi.new("gr_mtp_head *", {
+            "n_embd": p.n_embd, "n_vocab": p.n_vocab, "embd_qtype": int(self.embd.qtype),
+            "embd": _ffi.from_buffer("uint8_t[]", self.embd.data), "enorm": _f32(self.enorm),
+            "hnorm": _f32(self.hnorm), "eps": self.eps, "eh_qtype": self.eh_proj.qtype, "eh_w": self.eh_proj._w,
+            "attn": b.attn.block._desc, "ffn_norm": _f32(b.ffn_norm), "moe": _ffi.NULL if dense else ffn._layer,
+            "ffn_qtypes": [0, 0, 0] if not dense else [ffn.gate.qtype, ffn.up.qtype, ffn.down.qtype],
+            "ffn_w": [_ffi.NULL] * 3 if not dense else [ffn.gate._w, ffn.up._w, ffn.down._w],
+            "n_ff": 0 if not dense else ffn.n_ff, "ffn_clamp": 0.0 if not dense else ffn._clamp,
+            "head_norm": _f32(self.head_norm), "head_qtype": self.head.qtype, "head_w": self.head._w})
+        self._what = f"mtp head blk.{self.il}"
 
     def hidden(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
         """Rows (token at p, trunk-or-head hidden state of p - 1) at `positions` of this head's one-layer
@@ -174,6 +193,32 @@ class NextN:
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         return self.head(rms_norm(h, self.head_norm, self.eps))
+
+    def forward(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> tuple:
+        """hidden() and the last row's logits() in one native call: (block outputs, logits), the same bits.
+        (A MoE head with an expert cache runs the steps: the cache places the chosen experts first.)"""
+        ffn = self.block.ffn
+        if isinstance(ffn, MoE) and ffn.store.cache is not None:
+            h = self.hidden(tokens, h_prev, positions, cache)
+            return h, self.logits(h[-1:])[0]
+        n = len(tokens)
+        cache.check_room(n)
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        h_prev = np.ascontiguousarray(h_prev, dtype=np.float32)
+        h = np.empty_like(h_prev)
+        logits = np.empty(self.head.rows, dtype=np.float32)
+        choice = ()
+        if self._n_used:   # a MoE FFN's choice comes back for the store's statistics
+            ids = np.empty((n, self._n_used), dtype=np.int32)
+            choice = (ids, np.empty((n, self._n_used), dtype=np.float32))
+        _check(_lib.gr_mtp_head_forward(self._desc, _from_buffer(_INT32S, tokens, False), _f32(h_prev), n,
+                                        *cache_args(cache, 0, positions),
+                                        _from_buffer(_INT32S, choice[0], True) if choice else _ffi.NULL,
+                                        _f32(choice[1]) if choice else _ffi.NULL, _f32(h), _f32(logits)), self._what)
+        if choice:
+            ffn.store.record(ffn.il, choice[0])
+        cache.n_past = int(positions[-1]) + 1
+        return h, logits
 
 
 class Model(TransformerLM):
