@@ -456,7 +456,17 @@ static void gemv_job_rows(const gemv_job *g, int64_t r0, int64_t r1, int64_t a0,
     if (g->ops->gemv) {
         const int64_t step = GR_GEMV_ACTS / g->terms;
         float c[GR_GEMV_ACTS];
-        for (int64_t r = r0; r < r1; r++) {
+        int64_t r = r0;
+        if (g->ops->gemv_rows && n_tok * g->terms <= 2) {   /* same bits, rows in groups */
+            const int R = n_tok * g->terms == 1 ? 4 : 2;
+            for (; r + R <= r1; r += R) {
+                g->ops->gemv_rows(R, (int)n_tok, g->terms, g->cols, g->w + r * g->row_stride, g->row_stride, g->ap,
+                                  a0 * g->terms, c);
+                for (int i = 0; i < R; i++)
+                    for (int64_t t = 0; t < n_tok; t++) g->y[t * g->rows + r + i] = c[i * n_tok + t];
+            }
+        }
+        for (; r < r1; r++) {
             for (int64_t t = 0; t < n_tok; t += step) {
                 const int nt = n_tok - t < step ? (int)(n_tok - t) : (int)step;
                 g->ops->gemv(nt, g->terms, g->cols, g->w + r * g->row_stride, g->ap, (a0 + t) * g->terms, c);

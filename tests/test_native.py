@@ -471,6 +471,38 @@ def test_tiled_matmul_matches_the_per_token_path(qtype, cols, precision, isa):
         assert np.array_equal(few, per_token[3:3 + n]), f"a batch of {n} differs from one token at a time"
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K])
+@pytest.mark.parametrize("precision", [1, 2])
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_decode_rows_in_groups_give_each_row_alone(qtype, precision, isa):
+    """Decode takes narrow rows several at a time (gemv_rows: 4 rows of one token, 2 of two) so their
+    accumulation chains overlap; each row's result must be the bits it gets alone (a one-row matrix),
+    whatever group, chunk or thread took it: rows 1 to 9 blocks wide, a count that leaves a remainder,
+    a padded stride, 1 and 2 threads, 1 to 3 tokens."""
+    skip_unless(isa)
+    native.force_isa(isa)
+    native.set_act_precision(precision)
+    rng = np.random.default_rng(int(qtype) + 10 * precision)
+    bs = native.block_size(qtype)
+    for nb in ((1, 2, 3, 6, 9) if bs == 32 else (1, 2)):
+        cols, rows = nb * bs, 23
+        rb = native.row_bytes(qtype, cols)
+        w = sane_blocks(qtype, rows * cols, rng).reshape(rows, rb)
+        padded = np.full((rows, rb + 6), 0xff, np.uint8)
+        padded[:, :rb] = w
+        x = rng.standard_normal((3, cols)).astype(np.float32)
+        alone = np.stack([np.concatenate([native.matmul(w[r], qtype, 1, cols, x[t:t + 1])[0] for r in range(rows)])
+                          for t in range(3)])
+        reference = reference_matmul_two_terms if precision == 2 else reference_matmul
+        ref, mag = reference(w.reshape(-1), qtype, rows, cols, x)
+        assert np.all(np.abs(alone - ref) <= RTOL * mag)
+        for threads in (1, 2):
+            native.set_threads(threads)
+            for n in (1, 2, 3):
+                got = native.matmul(padded, qtype, rows, cols, x[:n], row_stride=rb + 6)
+                assert np.array_equal(got, alone[:n]), f"{nb} blocks, {threads} threads, {n} tokens"
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_K])
 def test_tiled_matmul_large_batches_and_thread_counts(qtype):
     """Enough tokens and columns for several activation ranges per matmul (the driver splits them to fit
