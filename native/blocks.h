@@ -193,7 +193,7 @@ typedef struct {
 } gr_act_panel;
 
 #define GR_GEMV_ACTS 4   /* activation rows one gemv call takes */
-#define GR_GEMV_ROWS 4   /* rows times activation rows one gemv_rows call takes */
+#define GR_GEMV_ROWS 4   /* rows one gemv4 call takes */
 
 typedef struct {
     int tile_rows, tile_acts;   /* the full tile; tile_acts is even (both terms of a token in one tile) */
@@ -205,11 +205,10 @@ typedef struct {
      * of dot(the row at w, act row a0 + t * terms + j), t < ntok, ntok * terms <= GR_GEMV_ACTS. A token's
      * result does not depend on ntok: batches that take these kernels give token-by-token bits. */
     void (*gemv)(int ntok, int terms, int64_t cols, const uint8_t *w, const gr_act_panel *a, int64_t a0, float *c);
-    /* Optional (NULL: gemv row by row): nrows rows at once, row r at w + r * row_stride, nrows 4 with
-     * ntok * terms 1 or nrows 2 with ntok * terms 2: c[r * ntok + t], the bits gemv gives that row. For
-     * narrow rows (a few blocks), whose fixed costs and accumulation latency a lone row cannot hide. */
-    void (*gemv_rows)(int nrows, int ntok, int terms, int64_t cols, const uint8_t *w, int64_t row_stride,
-                      const gr_act_panel *a, int64_t a0, float *c);
+    /* Optional (NULL: gemv row by row): 4 rows at once, row r at w + r * row_stride, times one activation
+     * row (ntok 1, terms 1): c[r], the bits gemv gives that row. For narrow rows (a few blocks), whose
+     * fixed costs and accumulation latency a lone row cannot hide. */
+    void (*gemv4)(int64_t cols, const uint8_t *w, int64_t row_stride, const gr_act_panel *a, int64_t a0, float *c);
 } gr_gemm_ops;
 
 typedef struct {

@@ -475,10 +475,11 @@ def test_tiled_matmul_matches_the_per_token_path(qtype, cols, precision, isa):
 @pytest.mark.parametrize("precision", [1, 2])
 @pytest.mark.parametrize("isa", SIMD_ISAS)
 def test_decode_rows_in_groups_give_each_row_alone(qtype, precision, isa):
-    """Decode takes narrow rows several at a time (gemv_rows: 4 rows of one token, 2 of two) so their
-    accumulation chains overlap; each row's result must be the bits it gets alone (a one-row matrix),
-    whatever group, chunk or thread took it: rows 1 to 9 blocks wide, a count that leaves a remainder,
-    a padded stride, 1 and 2 threads, 1 to 3 tokens."""
+    """One token's product takes narrow rows four at a time (gemv4) so their accumulation chains
+    overlap; each row's result must be the bits it gets alone (a one-row matrix), whatever group, chunk
+    or thread took it: rows 1 to 9 blocks wide (9: past gemv4's width), a count that leaves a
+    remainder, a padded stride, 1 and 2 threads, and batches of 2 and 3 tokens, which take one row at
+    a time."""
     skip_unless(isa)
     native.force_isa(isa)
     native.set_act_precision(precision)
