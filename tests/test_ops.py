@@ -287,3 +287,30 @@ def test_attention_head_gate(simd, n_q):
     sig = (1 / (1 + np.exp(-gate.astype(np.float64)))).astype(np.float32)
     np.testing.assert_allclose(gated, (plain.reshape(n_q, n_head, d) * sig[:, :, None]).reshape(n_q, -1),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F16", "F32"])
+def test_embed_rows_dequantizes_only_the_chosen_rows_and_names_a_bad_id(qtype):
+    """embed_rows (gr_get_rows) gives the rows' bits as dequantizing them alone does, in the order asked,
+    repeats included; an id outside the table is refused with the tensor's name and row count."""
+    from gguf import GGMLQuantizationType as T
+    from ggufrun.gguf_file import QTensor
+    t = T[qtype]
+    rows, cols = 37, 256
+    rng = np.random.default_rng(int(t))
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qtype == "F32":
+        data = x.view(np.uint8).reshape(-1)
+    elif qtype == "F16":
+        data = x.astype(np.float16).view(np.uint8).reshape(-1)
+    else:
+        import quant
+        data = quant.quantize(x, t).reshape(-1)
+    w = QTensor("token_embd.weight", t, (rows, cols), data)
+    ids = np.array([36, 0, 5, 5, 17])
+    rb = native.row_bytes(t, cols)
+    want = np.stack([native.dequantize(data[i * rb:(i + 1) * rb], t) for i in ids])
+    assert np.array_equal(ops.embed_rows(w, ids), want)
+    for bad in (37, -1):
+        with pytest.raises(ValueError, match=f"'token_embd.weight': row {bad} is outside its 37 rows"):
+            ops.embed_rows(w, np.array([3, bad]))
