@@ -175,9 +175,9 @@ class NextN:
             "embd": _ffi.from_buffer("uint8_t[]", self.embd.data), "enorm": _f32(self.enorm),
             "hnorm": _f32(self.hnorm), "eps": self.eps, "eh_qtype": self.eh_proj.qtype, "eh_w": self.eh_proj._w,
             "attn": b.attn.block._desc, "ffn_norm": _f32(b.ffn_norm), "moe": _ffi.NULL if dense else ffn._layer,
-            "ffn_qtypes": [0, 0, 0] if not dense else [ffn.gate.qtype, ffn.up.qtype, ffn.down.qtype],
-            "ffn_w": [_ffi.NULL] * 3 if not dense else [ffn.gate._w, ffn.up._w, ffn.down._w],
-            "n_ff": 0 if not dense else ffn.n_ff, "ffn_clamp": 0.0 if not dense else ffn._clamp,
+            "ffn_qtypes": [ffn.gate.qtype, ffn.up.qtype, ffn.down.qtype] if dense else [0, 0, 0],
+            "ffn_w": [ffn.gate._w, ffn.up._w, ffn.down._w] if dense else [_ffi.NULL] * 3,
+            "n_ff": ffn.n_ff if dense else 0, "ffn_clamp": ffn._clamp if dense else 0.0,
             "head_norm": _f32(self.head_norm), "head_qtype": self.head.qtype, "head_w": self.head._w})
         self._what = f"mtp head blk.{self.il}"
 
