@@ -193,7 +193,12 @@ typedef struct {
 } gr_act_panel;
 
 #define GR_GEMV_ACTS 4   /* activation rows one gemv call takes */
-#define GR_GEMV_ROWS 4   /* rows one gemv4 call takes */
+#define GR_GEMV_ROWS 4   /* rows one step of gemv_rows takes, when they are narrow */
+/* Rows this narrow go four at a time in gemv_rows: a Q8_0 row of 4-8 blocks costs about half as much
+ * (its fixed costs and accumulation latency shared); wider rows have their fixed costs covered, and
+ * weights streamed from memory in four interleaved rows read slower (Q4_1 1536 columns 12 -> 5-6 GB/s,
+ * Q8_0 576 columns 11-12 -> 8, one thread). */
+#define GR_GEMV4_MAX_COLS 256
 
 typedef struct {
     int tile_rows, tile_acts;   /* the full tile; tile_acts is even (both terms of a token in one tile) */
@@ -205,10 +210,12 @@ typedef struct {
      * of dot(the row at w, act row a0 + t * terms + j), t < ntok, ntok * terms <= GR_GEMV_ACTS. A token's
      * result does not depend on ntok: batches that take these kernels give token-by-token bits. */
     void (*gemv)(int ntok, int terms, int64_t cols, const uint8_t *w, const gr_act_panel *a, int64_t a0, float *c);
-    /* Optional (NULL: gemv row by row): 4 rows at once, row r at w + r * row_stride, times one activation
-     * row (ntok 1, terms 1): c[r], the bits gemv gives that row. For narrow rows (a few blocks), whose
-     * fixed costs and accumulation latency a lone row cannot hide. */
-    void (*gemv4)(int64_t cols, const uint8_t *w, int64_t row_stride, const gr_act_panel *a, int64_t a0, float *c);
+    /* Optional (NULL: gemv row by row): rows 0..nrows-1 (row r at w + r * row_stride) times ntok tokens,
+     * y[t * ldy + r], each the bits gemv gives that row: the row loop inside the kernel, so a row of a
+     * few blocks pays no call, no result round trip through memory and (narrow rows, four at a time)
+     * a quarter of the horizontal sums. */
+    void (*gemv_rows)(int ntok, int terms, int64_t cols, const uint8_t *w, int64_t row_stride, int64_t nrows,
+                      const gr_act_panel *a, int64_t a0, float *y, int64_t ldy);
 } gr_gemm_ops;
 
 typedef struct {

@@ -450,28 +450,20 @@ typedef struct {
     atomic_llong next_chunk;
 } gemv_batch;
 
-/* One token's product takes rows this narrow four at a time (gemv4): a Q8_0 row of 4-8 blocks costs
- * about half as much (the trained MTP model's whole decode step ~1.5x faster); wider rows have their
- * fixed costs covered, and weights streamed from memory in four interleaved rows read slower (Q4_1
- * 1536 columns 12 -> 5-6 GB/s, Q8_0 576 columns 11-12 -> 8, one thread). */
-#ifndef GEMV4_MAX_COLS
-#define GEMV4_MAX_COLS 256
-#endif
-
 /* Rows [r0, r1) of job g times its activation tokens [a0, a0 + n_tok); token t's outputs at
  * g->y + t * g->rows. Each row is multiplied against every token while it is in L1. */
 static void gemv_job_rows(const gemv_job *g, int64_t r0, int64_t r1, int64_t a0, int64_t n_tok) {
     if (g->ops->gemv) {
         const int64_t step = GR_GEMV_ACTS / g->terms;
-        float c[GR_GEMV_ACTS > GR_GEMV_ROWS ? GR_GEMV_ACTS : GR_GEMV_ROWS];
-        int64_t r = r0;
-        if (g->ops->gemv4 && n_tok * g->terms == 1 && g->cols <= GEMV4_MAX_COLS) {   /* the same bits */
-            for (; r + GR_GEMV_ROWS <= r1; r += GR_GEMV_ROWS) {
-                g->ops->gemv4(g->cols, g->w + r * g->row_stride, g->row_stride, g->ap, a0, c);
-                for (int i = 0; i < GR_GEMV_ROWS; i++) g->y[r + i] = c[i];
-            }
+        if (g->ops->gemv_rows) {   /* the same bits, the row loop in the kernel */
+            for (int64_t t = 0; t < n_tok; t += step)
+                g->ops->gemv_rows(n_tok - t < step ? (int)(n_tok - t) : (int)step, g->terms, g->cols,
+                                  g->w + r0 * g->row_stride, g->row_stride, r1 - r0, g->ap, (a0 + t) * g->terms,
+                                  g->y + t * g->rows + r0, g->rows);
+            return;
         }
-        for (; r < r1; r++) {
+        float c[GR_GEMV_ACTS];
+        for (int64_t r = r0; r < r1; r++) {
             for (int64_t t = 0; t < n_tok; t += step) {
                 const int nt = n_tok - t < step ? (int)(n_tok - t) : (int)step;
                 g->ops->gemv(nt, g->terms, g->cols, g->w + r * g->row_stride, g->ap, (a0 + t) * g->terms, c);

@@ -475,11 +475,10 @@ def test_tiled_matmul_matches_the_per_token_path(qtype, cols, precision, isa):
 @pytest.mark.parametrize("precision", [1, 2])
 @pytest.mark.parametrize("isa", SIMD_ISAS)
 def test_decode_rows_in_groups_give_each_row_alone(qtype, precision, isa):
-    """One token's product takes narrow rows four at a time (gemv4) so their accumulation chains
-    overlap; each row's result must be the bits it gets alone (a one-row matrix), whatever group, chunk
-    or thread took it: rows 1 to 9 blocks wide (9: past gemv4's width), a count that leaves a
-    remainder, a padded stride, 1 and 2 threads, and batches of 2 and 3 tokens, which take one row at
-    a time."""
+    """A decode product takes narrow rows four at a time (gemv_rows) so their fixed costs and
+    accumulation chains are shared; each row's result must be the bits it gets alone (a one-row matrix),
+    whatever group, chunk, thread or batch took it: rows 1 to 9 blocks wide (9: past the four-row
+    width), a count that leaves a remainder, a padded stride, 1 and 2 threads, batches of 1 to 4 tokens."""
     skip_unless(isa)
     native.force_isa(isa)
     native.set_act_precision(precision)
@@ -491,15 +490,15 @@ def test_decode_rows_in_groups_give_each_row_alone(qtype, precision, isa):
         w = sane_blocks(qtype, rows * cols, rng).reshape(rows, rb)
         padded = np.full((rows, rb + 6), 0xff, np.uint8)
         padded[:, :rb] = w
-        x = rng.standard_normal((3, cols)).astype(np.float32)
+        x = rng.standard_normal((4, cols)).astype(np.float32)
         alone = np.stack([np.concatenate([native.matmul(w[r], qtype, 1, cols, x[t:t + 1])[0] for r in range(rows)])
-                          for t in range(3)])
+                          for t in range(4)])
         reference = reference_matmul_two_terms if precision == 2 else reference_matmul
         ref, mag = reference(w.reshape(-1), qtype, rows, cols, x)
         assert np.all(np.abs(alone - ref) <= RTOL * mag)
         for threads in (1, 2):
             native.set_threads(threads)
-            for n in (1, 2, 3):
+            for n in (1, 2, 3, 4):
                 got = native.matmul(padded, qtype, rows, cols, x[:n], row_stride=rb + 6)
                 assert np.array_equal(got, alone[:n]), f"{nb} blocks, {threads} threads, {n} tokens"
 
