@@ -28,8 +28,11 @@ _NATIVE_DIR = _REPO / "native"
 _LIB_PATH = _NATIVE_DIR / "build" / "libggufrun.so"
 
 _ISA_NAMES = ("scalar", "avx2", "avx512", "neon")
-_ERRORS = {-1: "quant type not supported", -2: "bad shape or size", -3: "ISA path not available",
-           -4: "out of memory for the activation scratch buffer", -5: "argument out of range"}
+# ggufrun.h's return codes
+GR_E_QTYPE, GR_E_SHAPE, GR_E_ISA, GR_E_NOMEM, GR_E_ARG = -1, -2, -3, -4, -5
+_ERRORS = {GR_E_QTYPE: "quant type not supported", GR_E_SHAPE: "bad shape or size",
+           GR_E_ISA: "ISA path not available", GR_E_NOMEM: "out of memory for the activation scratch buffer",
+           GR_E_ARG: "argument out of range"}
 ACT_PRECISIONS = (1, 2)
 
 # Types with native kernels; gguf's enum names them.

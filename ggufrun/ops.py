@@ -180,7 +180,7 @@ def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
     out = np.empty((len(ids), n_cols), dtype=np.float32)
     rc = _lib.gr_get_rows(int(w.qtype), _from_buffer(_BYTES, w.data, False), n_rows, n_cols,
                           _from_buffer(_INT32S, ids, False), len(ids), _f32(out))
-    if rc == -5:   # GR_E_ARG: an id outside the table
+    if rc == native.GR_E_ARG:   # an id outside the table
         bad = int(ids[(ids < 0) | (ids >= n_rows)][0])
         raise ValueError(f"tensor {w.name!r}: row {bad} is outside its {n_rows} rows")
     _check(rc, f"embed rows of {w.name}")

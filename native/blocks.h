@@ -198,7 +198,7 @@ typedef struct {
  * (its fixed costs and accumulation latency shared); wider rows have their fixed costs covered, and
  * weights streamed from memory in four interleaved rows read slower (Q4_1 1536 columns 12 -> 5-6 GB/s,
  * Q8_0 576 columns 11-12 -> 8, one thread). */
-#define GR_GEMV4_MAX_COLS 256
+#define GR_GEMV_NARROW_COLS 256
 
 typedef struct {
     int tile_rows, tile_acts;   /* the full tile; tile_acts is even (both terms of a token in one tile) */
