@@ -396,7 +396,9 @@ class LLM:
                 return
             k = max(0, min(ctl.choose(), self.n_ctx - P - 1, max_tokens - n_out - 1))
             d.catchup_seconds = 0.0
-            drafts, qs = d.draft(self.tokens, tok, k, pick) if k else ([], [])
+            # greedy without penalties: the heads' arg-max, the chain in one native call
+            drafts, qs = d.draft(self.tokens, tok, k, None if greedy and not sampler.penalises else pick) \
+                if k else ([], [])
             batch = [tok] + drafts
             h = self.model.forward_hidden(np.array(batch), self.cache)
             self.tokens = self.tokens[:P] + batch

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kv_cache import KVCache
+from .ops import _FLOATS, _INT32S, _check, _f32, _ffi, _from_buffer, _lib, cache_arrays
 
 
 # -- the accept / resample math -------------------------------------------------------------------
@@ -203,6 +204,7 @@ class MTPDrafter:
         # which the draft-length controller must not charge to this step's k (else a head left idle
         # looks dear, is left idle longer, and its next use costs more still)
         self.catchup_seconds = 0.0
+        self._chain = None   # gr_mtp_chain_head[n_heads], made on the first greedy draft
 
     @property
     def n_heads(self) -> int:
@@ -253,41 +255,91 @@ class MTPDrafter:
             self.heads[j].hidden(np.asarray(tokens[s:e]), self._h_prev(s, e),
                                  np.arange(s, e, dtype=np.int32), c)
 
-    def draft(self, tokens, id_last: int, k: int, pick) -> tuple[list[int], list]:
+    def draft(self, tokens, id_last: int, k: int, pick=None) -> tuple[list[int], list]:
         """Up to k tokens after `id_last` (at position len(tokens)), chaining the heads. `pick(logits)`
-        returns (token, q) for one head's logits: q is the draft distribution (None for greedy)."""
+        returns (token, q) for one head's logits: q is the draft distribution (None for greedy). pick None:
+        greedy arg-max, the whole chain in one native call (the same drafts as the heads called one by one,
+        without the Python between them: ~0.15 ms a step of ~2)."""
         P = len(tokens)
         k = min(k, self.n_heads)
-        chain_h = [self.h_hist[P - 1] if P else np.zeros(self.n_embd, np.float32)]
-        toks = [id_last]
-        drafts, qs = [], []
+        # committed rows a head has not seen yet (the drafts accepted last step) ride in the same call as
+        # its draft rows: one block evaluation per head per step, not two. Rows are independent but for
+        # causal attention, so this equals catching up first. A head further behind (unused for a while)
+        # catches up apart, timed apart.
+        starts = []
         for i in range(k):
             c = self.caches[i]
             if c.n_past > P:
                 c.truncate(P)
-            # committed rows the head has not seen yet (the drafts accepted last step) ride in the same
-            # call as the draft rows: one block evaluation per head per step, not two. Rows are
-            # independent but for causal attention, so this equals catching up first. A head further
-            # behind (unused for a while) catches up apart, timed apart.
             s = max(c.n_past, P - min(self.n_heads + 1, self.max_batch - (i + 1)))
             if c.n_past < s:
                 t0 = time.perf_counter()
                 self.catch_up(i, tokens, s)
                 self.catchup_seconds += time.perf_counter() - t0
-            rows_t = np.concatenate([np.asarray(tokens[s:P], dtype=np.int64), np.array(toks, dtype=np.int64)])
-            rows_h = np.concatenate([self._h_prev(s, P), np.stack(chain_h)]) if s < P else np.stack(chain_h)
-            hs, logits = self.heads[i].forward(rows_t, rows_h, np.arange(s, P + i + 1, dtype=np.int32), c)
-            tok, q = pick(logits)
-            drafts.append(tok)
-            qs.append(q)
-            chain_h.append(hs[-1])
-            toks.append(tok)
+            starts.append(s)
+        if pick is None and all(h.chains_natively for h in self.heads[:k]):
+            drafts, qs = self._draft_native(tokens, id_last, starts), [None] * k
+        else:
+            pick = pick or (lambda lg: (int(np.argmax(lg)), None))
+            drafts, qs = self._draft_steps(tokens, id_last, starts, pick)
         # row P of every head that ran is the committed (h_trunk[P-1], id_last) entry; rows past it held
         # head-chained states, which the trunk's own hidden states replace on catch-up
         for i in range(k):
             if self.caches[i].n_past > P + 1:
                 self.caches[i].truncate(P + 1)
         return drafts, qs
+
+    def _draft_steps(self, tokens, id_last: int, starts: list[int], pick) -> tuple[list[int], list]:
+        """The chain one head call at a time, each head's token chosen by pick."""
+        P = len(tokens)
+        chain_h = [self.h_hist[P - 1] if P else np.zeros(self.n_embd, np.float32)]
+        toks = [id_last]
+        drafts, qs = [], []
+        for i, s in enumerate(starts):
+            rows_t = np.concatenate([np.asarray(tokens[s:P], dtype=np.int64), np.array(toks, dtype=np.int64)])
+            rows_h = np.concatenate([self._h_prev(s, P), np.stack(chain_h)]) if s < P else np.stack(chain_h)
+            hs, logits = self.heads[i].forward(rows_t, rows_h, np.arange(s, P + i + 1, dtype=np.int32),
+                                               self.caches[i])
+            tok, q = pick(logits)
+            drafts.append(tok)
+            qs.append(q)
+            chain_h.append(hs[-1])
+            toks.append(tok)
+        return drafts, qs
+
+    def _draft_native(self, tokens, id_last: int, starts: list[int]) -> list[int]:
+        """The greedy chain as one gr_mtp_draft_greedy call."""
+        P, k = len(tokens), len(starts)
+        if P > self.n_hist:
+            raise ValueError(f"cannot draft at {P}: trunk hidden states end at {self.n_hist}")
+        if self._chain is None:
+            self._chain = _ffi.new("gr_mtp_chain_head[]", self.n_heads)
+            self._chain_keep = []
+            for i, (h, c) in enumerate(zip(self.heads, self.caches)):
+                e = self._chain[i]
+                e.head = h._desc
+                e.k_cache, e.v_cache, e.pos_cache = cache_arrays(c, 0)
+                e.n_slots, e.ring = c.k[0].shape[0], c.ring[0]
+                if h._n_used:   # a MoE head's choice comes back for the store's statistics
+                    ids = np.empty((self.max_batch, h._n_used), dtype=np.int32)
+                    w = np.empty((self.max_batch, h._n_used), dtype=np.float32)
+                    e.ids, e.weights = _from_buffer(_INT32S, ids, True), _from_buffer(_FLOATS, w, True)
+                    self._chain_keep.append((i, ids, w))
+        first = min(starts)
+        for i, s in enumerate(starts):
+            self.caches[i].check_room(P + i + 1 - self.caches[i].n_past)
+            self._chain[i].start = s
+        committed = np.asarray(tokens[first:P], dtype=np.int32)
+        drafts = np.empty(k, dtype=np.int32)
+        _check(_lib.gr_mtp_draft_greedy(self._chain, k, _from_buffer(_INT32S, committed, False), first, P, int(id_last),
+                                        _f32(self.h_hist), _from_buffer(_INT32S, drafts, True)), "mtp draft chain")
+        for i, ids, _ in self._chain_keep:
+            if i < k:
+                h = self.heads[i]
+                h.block.ffn.store.record(h.il, ids[:P + i + 1 - starts[i]])
+        for i in range(k):
+            self.caches[i].n_past = P + i + 1
+        return drafts.tolist()
 
 
 # -- measuring expert reads -----------------------------------------------------------------------

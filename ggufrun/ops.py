@@ -164,13 +164,20 @@ def cache_args(cache, layer: int, positions: np.ndarray) -> tuple:
     """The KV-cache arguments of the block calls for tokens at `positions` (int32) of `cache`'s layer:
     positions, slots, keys, values, key positions, rows to attend over."""
     slots, n_kv = cache.slots(layer, positions)
+    pos_ptr = _from_buffer(_INT32S, positions, False)
+    return (pos_ptr, pos_ptr if slots is positions else _from_buffer(_INT32S, slots, False),
+            *cache_arrays(cache, layer), n_kv)
+
+
+def cache_arrays(cache, layer: int) -> tuple:
+    """Native pointers to `cache`'s keys, values and key positions of `layer`: the arrays never move, so
+    the pointers are made once."""
     arrays = cache.native.get(layer)
-    if arrays is None:  # the layer's cache arrays never move: their pointers are made once
+    if arrays is None:
         arrays = cache.native[layer] = (_from_buffer(_UINT16S, cache.k[layer].view(np.uint16), True),
                                         _from_buffer(_UINT16S, cache.v[layer].view(np.uint16), True),
                                         _from_buffer(_INT32S, cache.pos[layer], True))
-    pos_ptr = _from_buffer(_INT32S, positions, False)
-    return (pos_ptr, pos_ptr if slots is positions else _from_buffer(_INT32S, slots, False), *arrays, n_kv)
+    return arrays
 
 
 def embed_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:

@@ -40,10 +40,16 @@ class Sampler:
     def accept(self, token: int) -> None:
         self.history.append(token)
 
+    @property
+    def penalises(self) -> bool:
+        """Whether penalise() can change logits (repetition, presence or frequency penalties are on)."""
+        c = self.cfg
+        return c.repeat_last_n != 0 and (c.repeat_penalty != 1.0 or bool(c.presence_penalty) or
+                                         bool(c.frequency_penalty))
+
     def penalise(self, logits: np.ndarray) -> np.ndarray:
         c = self.cfg
-        if c.repeat_last_n == 0 or not self.history or (
-                c.repeat_penalty == 1.0 and not c.presence_penalty and not c.frequency_penalty):
+        if not self.penalises or not self.history:
             return logits
         recent = self.history[-c.repeat_last_n:] if c.repeat_last_n > 0 else self.history
         counts = Counter(recent)

@@ -6,6 +6,7 @@
  * call saves is the Python between them, ~30 us a layer (the wrappers' buffer allocations and pointer
  * conversions), about 8% of a SmolLM2 decode token. */
 #include <stdlib.h>
+#include <string.h>
 #include "ggufrun.h"
 
 int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, const int32_t *pos,
@@ -113,5 +114,56 @@ int gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float
                              m->eps, NULL, logits);
     }
     free(buf);
+    return rc;
+}
+
+int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32_t *tokens, int64_t tokens_from,
+                        int64_t n_past, int32_t id_last, const float *h_hist, int32_t *drafts) {
+    if (!heads || n_heads <= 0 || n_past < 0 || (n_past && !h_hist) || !drafts) return GR_E_ARG;
+    int64_t max_rows = 0;
+    for (int i = 0; i < n_heads; i++) {
+        const gr_mtp_chain_head *c = &heads[i];
+        if (!c->head || c->start < 0 || c->start > n_past || c->n_slots <= 0 ||
+            (c->start < n_past && (!tokens || c->start < tokens_from)))
+            return GR_E_ARG;
+        if (c->head->n_embd != heads[0].head->n_embd || c->head->n_vocab != heads[0].head->n_vocab) return GR_E_SHAPE;
+        if (n_past - c->start + i + 1 > max_rows) max_rows = n_past - c->start + i + 1;
+    }
+    const int64_t d = heads[0].head->n_embd, n_vocab = heads[0].head->n_vocab;
+    /* per row: token, position, slot; h in and out; then the chain's outputs and one logits row */
+    int32_t *ibuf = malloc(sizeof(int32_t) * (size_t)(3 * max_rows));
+    float *fbuf = malloc(sizeof(float) * (size_t)(2 * max_rows * d + (int64_t)n_heads * d + n_vocab));
+    int rc = ibuf && fbuf ? GR_OK : GR_E_NOMEM;
+    int32_t *toks = ibuf, *pos = toks + max_rows, *slots = pos + max_rows;
+    float *h_in = fbuf, *h_out = h_in + max_rows * d, *chain = h_out + max_rows * d, *logits = chain + n_heads * d;
+    for (int i = 0; i < n_heads && rc == GR_OK; i++) {
+        const gr_mtp_chain_head *c = &heads[i];
+        const int64_t n = n_past - c->start + i + 1;
+        for (int64_t r = 0; r < n; r++) {
+            const int64_t p = c->start + r;
+            pos[r] = (int32_t)p;
+            slots[r] = (int32_t)(c->ring ? p % c->n_slots : p);
+            float *h = h_in + r * d;
+            if (p < n_past) toks[r] = tokens[p - tokens_from];
+            else toks[r] = p == n_past ? id_last : drafts[p - n_past - 1];
+            if (p <= n_past) {
+                if (p == 0) memset(h, 0, sizeof(float) * (size_t)d);
+                else memcpy(h, h_hist + (p - 1) * d, sizeof(float) * (size_t)d);
+            } else {
+                memcpy(h, chain + (p - n_past - 1) * d, sizeof(float) * (size_t)d);
+            }
+        }
+        if (!c->ring && n_past + i >= c->n_slots) { rc = GR_E_ARG; break; }
+        rc = gr_mtp_head_forward(c->head, toks, h_in, n, pos, slots, c->k_cache, c->v_cache, c->pos_cache,
+                                 c->ring ? c->n_slots : n_past + i + 1, c->ids, c->weights, h_out, logits);
+        if (rc != GR_OK) break;
+        memcpy(chain + (int64_t)i * d, h_out + (n - 1) * d, sizeof(float) * (size_t)d);
+        int64_t best = 0;
+        for (int64_t j = 1; j < n_vocab; j++)
+            if (logits[j] > logits[best]) best = j;
+        drafts[i] = (int32_t)best;
+    }
+    free(ibuf);
+    free(fbuf);
     return rc;
 }

@@ -230,6 +230,30 @@ int  gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const floa
                          int32_t *pos_cache, int64_t n_kv, int32_t *ids, float *weights, float *h_out,
                          float *logits);
 
+/* One head of a greedy draft chain (gr_mtp_draft_greedy): the head, its one-layer KV cache (n_slots rows;
+ * ring: slot = position mod n_slots, a sliding window's ring, else slot = position), the first position
+ * its call carries (start <= n_past: committed rows start..n_past-1 the head has not seen yet ride along)
+ * and, for a MoE head, where its rows' expert choice goes (rows * n_used each; NULL for a dense head). */
+typedef struct {
+    const gr_mtp_head *head;
+    uint16_t *k_cache, *v_cache;
+    int32_t *pos_cache;
+    int64_t n_slots;
+    int32_t ring;
+    int64_t start;
+    int32_t *ids;
+    float *weights;
+} gr_mtp_chain_head;
+/* Greedy drafting with chained heads in one call: head i runs rows at positions start_i..n_past+i --
+ * committed rows (tokens[p - tokens_from], h_hist[p-1], zeros for p = 0; tokens_from <= every start), then
+ * (id_last, h_hist[n_past-1]), then
+ * (draft m, head m-1's last output row) for m = 1..i -- and its logits' arg-max (the first maximum, as
+ * numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward: the bits of the heads called one by
+ * one. h_hist: the trunk's pre-norm hidden states of positions 0..n_past-1 (n_embd floats each). The
+ * caches keep the rows written (the caller rolls the draft rows back). */
+int  gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32_t *tokens, int64_t tokens_from,
+                         int64_t n_past, int32_t id_last, const float *h_hist, int32_t *drafts);
+
 /* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
 /* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].
  * gate_w/up_w/down_w: one pointer per expert (n_expert of each) to its packed rows: gate and up are

@@ -311,6 +311,51 @@ def test_a_head_in_one_call_equals_its_steps(llms, model):
                          KVCache([head.cache_spec], 64, 8))
 
 
+@pytest.mark.parametrize("model", ["gqa", "wide-swa", "echo-q8", "trained"])
+def test_greedy_chain_in_one_call_equals_the_heads_one_by_one(llms, model):
+    """draft(pick=None) -- the greedy chain as one native call, gr_mtp_draft_greedy -- proposes the
+    tokens the heads called one by one with an arg-max pick propose, leaves the same KV rows, and hands
+    MoE heads' choices to the expert store: draft lengths 1 to 3, steps that accept 0 to 3 tokens (so
+    heads carry 1 to 4 committed rows), MoE heads (gqa), sliding-window heads (wide-swa), Q8_0."""
+    from ggufrun.mtp import MTPDrafter
+    llm = ggufrun.load(str(TRAINED), n_ctx=256) if model == "trained" else llms[model]
+    m = llm.model
+    llm.reset()
+    prompt = llm.tokenize(PROMPTS[1])
+    h = m.forward_hidden(np.array(prompt), llm.cache)
+    ways = [MTPDrafter(m, llm.n_ctx, llm.n_batch) for _ in range(2)]
+    recorded = [[], []]
+    for d in ways:
+        d.record(0, h)
+    tokens, id_last = list(prompt), 42
+    rng = np.random.default_rng(5)
+    store = m.mtp_experts
+    for step in range(8):
+        k = 1 + step % 3
+        out = []
+        for way, d in enumerate(ways):
+            store.record = lambda il, ids, way=way: recorded[way].append((il, np.array(ids)))
+            try:
+                out.append(d.draft(tokens, id_last, k, None if way == 0 else lambda lg: (int(np.argmax(lg)), None)))
+            finally:
+                del store.record
+        assert out[0] == out[1], (step, out)
+        for c0, c1 in zip(*(d.caches for d in ways)):
+            assert c0.n_past == c1.n_past
+            for a, b in zip(c0.k + c0.v + c0.pos, c1.k + c1.v + c1.pos):
+                assert np.array_equal(a, b), step
+        # the trunk takes id_last and some of the drafts (a random accept count)
+        take = [id_last] + out[0][0][:int(rng.integers(0, k + 1))]
+        h = m.forward_hidden(np.array(take), llm.cache)
+        for d in ways:
+            d.record(len(tokens), h)
+        tokens += take
+        id_last = int(rng.integers(0, m.n_vocab))
+    assert len(recorded[0]) == len(recorded[1])
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(*recorded))
+    assert (len(recorded[0]) > 0) == any(m.params.is_moe[hd.il] for hd in m.nextn)
+
+
 def test_an_idle_head_catches_up_apart_and_timed(llms):
     """A head far behind the trunk (after a prompt, or left unused by the controller) catches up in
     calls of its own, timed in catchup_seconds, which the controller does not charge to the step's
@@ -396,6 +441,28 @@ def test_generate_api(llms):
     for n in (1, 2, 5):
         assert llm.generate(PROMPTS[0], max_tokens=n, temperature=0, mtp=3) == \
             llm.generate(PROMPTS[0], max_tokens=n, temperature=0, mtp=0)
+
+
+def test_greedy_drafts_see_the_penalties_the_trunk_samples_with(llms):
+    """Greedy decoding drafts in one native call (pick None) unless repetition penalties are on: then the
+    heads' logits are penalised like the trunk's, one head at a time (same output either way)."""
+    llm = llms["echo"]
+    llm.mtp_adaptive = False   # draft every step
+    d = llm._mtp_drafter()
+    picks = []
+    d.draft = lambda *a, orig=d.draft: (picks.append(a[3]), orig(*a))[1]
+    try:
+        outs = []
+        for penalty in (1.0, 1.3):
+            picks.clear()
+            llm.reset()
+            ids = llm.tokenize(PROMPTS[1])
+            outs.append([list(llm.stream_tokens(ids, 16, Sampler(SamplerConfig(temperature=0.0, repeat_penalty=penalty)),
+                                                mtp=mtp)) for mtp in (0, 3)])
+            assert picks and all((p is None) == (penalty == 1.0) for p in picks), (penalty, picks)
+        assert all(a == b for a, b in outs)
+    finally:
+        del d.draft
 
 
 # -- sampling ---------------------------------------------------------------------------------------

@@ -181,6 +181,12 @@ class NextN:
             "head_norm": _f32(self.head_norm), "head_qtype": self.head.qtype, "head_w": self.head._w})
         self._what = f"mtp head blk.{self.il}"
 
+    @property
+    def chains_natively(self) -> bool:
+        """gr_mtp_head_forward can run this head (a MoE head with an expert cache runs in steps)."""
+        ffn = self.block.ffn
+        return not (isinstance(ffn, MoE) and ffn.store.cache is not None)
+
     def hidden(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
         """Rows (token at p, trunk-or-head hidden state of p - 1) at `positions` of this head's one-layer
         cache; returns the block outputs (pre-norm), which are also the next head's h input."""
@@ -198,7 +204,7 @@ class NextN:
         """hidden() and the last row's logits() in one native call: (block outputs, logits), the same bits.
         (A MoE head with an expert cache runs the steps: the cache places the chosen experts first.)"""
         ffn = self.block.ffn
-        if isinstance(ffn, MoE) and ffn.store.cache is not None:
+        if not self.chains_natively:
             h = self.hidden(tokens, h_prev, positions, cache)
             return h, self.logits(h[-1:])[0]
         n = len(tokens)
