@@ -365,18 +365,15 @@ def torch_drafts(model, prefix: list[int], n: int) -> tuple[list[int], list[np.n
 # ---------------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------------
-def train(a) -> int:
-    import torch
-    torch.set_num_threads(1)
-    torch.manual_seed(a.seed)
-    out = Path(a.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = CONFIG
-    root = Path(a.stdlib)
+def corpus(stdlib: str, tok=None):
+    """(train files, held-out files, train ids, held-out ids, tokenizer): the tokenizer is trained on the
+    training files unless one is given (the checkpoint's, for `distill`)."""
+    root = Path(stdlib)
     train_files, held_files = stdlib_files(root)
     train_texts, held_texts = read_texts(train_files), read_texts(held_files)
     t0 = time.time()
-    tok = train_tokenizer(train_texts)
+    if tok is None:
+        tok = train_tokenizer(train_texts)
     eot = tok.token_to_id(EOT)
     print(f"corpus: {len(train_files)} train files ({sum(map(len, train_texts)) / 1e6:.1f} MB), {len(held_files)}"
           f" held-out ({sum(map(len, held_texts)) / 1e6:.1f} MB); tokenizer {tok.get_vocab_size()} in"
@@ -391,7 +388,49 @@ def train(a) -> int:
 
     train_ids, held_ids = stream(train_texts), stream(held_texts)
     print(f"tokens: train {len(train_ids)}, held-out {len(held_ids)}", flush=True)
+    return train_files, held_files, train_ids, held_ids, tok
 
+
+def batch(ids, r, B, T):
+    import torch
+    starts = r.integers(0, len(ids) - T - 1, B)
+    return torch.from_numpy(np.stack([ids[s:s + T + 1] for s in starts]))
+
+
+def losses(model, x):
+    """Cross-entropy against the text of the trunk and of each head, and each head's agreement with the
+    trunk: the share of positions where its arg-max is the trunk's (what greedy drafting needs)."""
+    import torch
+    outs = model(x[:, :-1])
+    y = x[:, 1:]
+    ce = [torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1)) for o in outs]
+    top = outs[0].argmax(-1)
+    return ce, [float((o.argmax(-1) == top).float().mean()) for o in outs[1:]]
+
+
+def evaluate(model, held_ids, n_batches, B, T):
+    """Mean held-out (losses, agreements) over n_batches fixed batches."""
+    import torch
+    model.eval()
+    r = np.random.default_rng(1234)
+    ce, agree = np.zeros(1 + CONFIG.n_nextn), np.zeros(CONFIG.n_nextn)
+    with torch.no_grad():
+        for _ in range(n_batches):
+            c, g = losses(model, batch(held_ids, r, B, T))
+            ce += [float(l) for l in c]
+            agree += g
+    model.train()
+    return ce / n_batches, agree / n_batches
+
+
+def train(a) -> int:
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+    out = Path(a.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = CONFIG
+    train_files, held_files, train_ids, held_ids, tok = corpus(a.stdlib)
     model = build_torch_model(cfg, init_weights(cfg, tok.get_vocab_size(), a.seed))
     params = [p for p in model.parameters()]
     decay = [p for p in params if p.dim() >= 2]
@@ -401,25 +440,6 @@ def train(a) -> int:
     rng = np.random.default_rng(a.seed)
     T, B = a.seq, a.batch
     moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
-
-    def batch(ids, r):
-        starts = r.integers(0, len(ids) - T - 1, B)
-        return torch.from_numpy(np.stack([ids[s:s + T + 1] for s in starts]))
-
-    def losses(model, x):
-        outs = model(x[:, :-1])
-        y = x[:, 1:]
-        return [torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1)) for o in outs]
-
-    def evaluate(n_batches):
-        model.eval()
-        r = np.random.default_rng(1234)
-        tot = np.zeros(1 + cfg.n_nextn)
-        with torch.no_grad():
-            for _ in range(n_batches):
-                tot += [float(l) for l in losses(model, batch(held_ids, r))]
-        model.train()
-        return tot / n_batches
 
     budget = a.minutes * 60
     start = time.time()
@@ -435,7 +455,7 @@ def train(a) -> int:
             g["lr"] = lr
         for c in model.expert_counts.values():
             c.zero_()
-        ls = losses(model, batch(train_ids, rng))
+        ls, _ = losses(model, batch(train_ids, rng, B, T))
         loss = ls[0] + a.mtp_weight * sum(ls[1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -453,16 +473,109 @@ def train(a) -> int:
             el = time.time() - start
             rec = {"step": step, "s": round(el), "lr": lr, "train": [round(float(v), 4) for v in ema]}
             if step % (a.log_every * 5) == 0:
-                rec["held"] = [round(float(v), 4) for v in evaluate(4)]
+                rec["held"] = [round(float(v), 4) for v in evaluate(model, held_ids, 4, B, T)[0]]
             log.append(rec)
             print(json.dumps(rec), f"{step * B * T / el:.0f} tok/s", flush=True)
         if time.time() - last_ckpt > 600:
             save(out / "ckpt.npz", model, cfg, tok, log, None, None)
             last_ckpt = time.time()
 
-    held = evaluate(32)
-    print("final held-out losses (trunk, heads):", [round(float(v), 4) for v in held], flush=True)
+    final = {"train_ema": ema.tolist(), "steps": step, "tokens": step * B * T, "seconds": time.time() - start,
+             "tokens_train": int(len(train_ids)), "tokens_held": int(len(held_ids)),
+             "files_train": len(train_files), "files_held": len(held_files)}
+    finish(out / "ckpt.npz", model, tok, log, final, held_ids, B, T)
+    return 0
+
+
+def distill(a) -> int:
+    """Self-distillation of the MTP heads on a trained checkpoint, the trunk frozen (its text unchanged).
+    Drafting is judged by agreement with the trunk, not with the text: head j at position q is trained
+    towards the trunk's own next-token distribution at q (soft cross-entropy, i.e. KL to the trunk), on
+    the same inputs and chained key levels as in `train`."""
+    import torch
+    from tokenizers import Tokenizer
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    z, meta, cfg, w = load_ckpt(Path(a.ckpt).expanduser())
+    out = Path(a.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_str(meta["tokenizer"])
+    train_files, held_files, train_ids, held_ids, _ = corpus(a.stdlib, tok)
+    model = build_torch_model(cfg, w)
+    head_prefixes = tuple(f"blk.{cfg.n_layer + j}." for j in range(cfg.n_nextn))
+    trained = []
+    for name in model.names:
+        k = name.replace(".", "__")
+        if k in model.params:
+            p = model.params[k]
+            p.requires_grad_(name.startswith(head_prefixes))
+            if p.requires_grad:
+                trained.append((name, p))
+    decay = [p for n, p in trained if p.dim() >= 2]
+    no_decay = [p for n, p in trained if p.dim() < 2]
+    params = decay + no_decay
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95))
+    print(f"distilling {len(trained)} head tensors ({sum(p.numel() for p in params) / 1e6:.2f} M parameters);"
+          f" trunk frozen", flush=True)
+    rng = np.random.default_rng(a.seed + 1)
+    T, B = a.seq, a.batch
+    held0 = evaluate(model, held_ids, 8, 8, T)
+    print("held-out before (losses; agreement with the trunk):", held0[0].round(4).tolist(), held0[1].round(4).tolist(),
+          flush=True)
+    budget = a.minutes * 60
+    start = time.time()
+    step, ema = 0, None
+    log = list(meta["log"])
+    while True:
+        frac = (time.time() - start) / budget
+        if frac >= 1.0 or (a.steps and step >= a.steps):
+            break
+        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = batch(train_ids, rng, B, T)[:, :-1]
+        with torch.no_grad():
+            levels = [model.trunk(x)]
+            teacher = torch.softmax(model.logits(levels[0]), -1)
+        kls = []
+        for j in range(cfg.n_nextn):
+            levels.append(model.head_forward(j, x, levels))
+            logp = torch.log_softmax(model.logits(levels[-1], f"{head_prefixes[j]}nextn.shared_head_norm.weight"), -1)
+            kls.append(-(teacher * logp).sum(-1).mean())
+        loss = sum(kls)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        cur = np.array([float(l.detach()) for l in kls])
+        ema = cur if ema is None else 0.95 * ema + 0.05 * cur
+        step += 1
+        if step % a.log_every == 0:
+            el = time.time() - start
+            rec = {"distill_step": step, "s": round(el), "lr": lr, "soft_ce": [round(float(v), 4) for v in ema]}
+            if step % (a.log_every * 5) == 0:
+                ce, agree = evaluate(model, held_ids, 4, 8, T)
+                rec["held"], rec["agree"] = [round(float(v), 4) for v in ce], [round(float(v), 4) for v in agree]
+            log.append(rec)
+            print(json.dumps(rec), f"{step * B * T / el:.0f} tok/s", flush=True)
+    final = dict(meta["final"] or {})
+    final["distill"] = {"steps": step, "tokens": step * B * T, "seconds": time.time() - start, "lr": a.lr,
+                        "soft_ce_ema": ema.tolist() if ema is not None else None,
+                        "held_before": held0[0].tolist(), "agree_before": held0[1].tolist()}
+    finish(out / "ckpt.npz", model, tok, log, final, held_ids, 8, T)
+    return 0
+
+
+def finish(path: Path, model, tok, log, final: dict, held_ids, B, T) -> None:
+    """Final held-out figures, expert popularity, torch's reference answers for `write`; save."""
+    import torch
+    cfg = CONFIG
+    held, agree = evaluate(model, held_ids, 32, B, T)
+    print("final held-out losses (trunk, heads):", [round(float(v), 4) for v in held],
+          "heads' agreement with the trunk:", [round(float(v), 4) for v in agree], flush=True)
     # expert popularity on held-out text, trunk MoE layers
+    moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
     model.eval()
     for c in model.expert_counts.values():
         c.zero_()
@@ -470,7 +583,7 @@ def train(a) -> int:
     r = np.random.default_rng(99)
     with torch.no_grad():
         for _ in range(8):
-            model.trunk(batch(held_ids, r)[:, :-1])
+            model.trunk(batch(held_ids, r, B, T)[:, :-1])
     model.count_experts = False
     popularity = {i: (model.expert_counts[i] / model.expert_counts[i].sum()).tolist() for i in moe_layers}
     # torch's own answers on held-out text, for `write` to compare ggufrun and llama.cpp with
@@ -478,13 +591,9 @@ def train(a) -> int:
     with torch.no_grad():
         ref_logits = model.logits(model.trunk(torch.tensor([ref_ids])))[0].numpy()
     ref_drafts = {P: torch_drafts(model, ref_ids[:P + 1], cfg.n_nextn) for P in (20, 70, 130)}
-    final = {"held": held.tolist(), "train_ema": ema.tolist(), "steps": step, "tokens": step * B * T,
-             "seconds": time.time() - start, "popularity": popularity,
-             "tokens_train": int(len(train_ids)), "tokens_held": int(len(held_ids)),
-             "files_train": len(train_files), "files_held": len(held_files)}
-    save(out / "ckpt.npz", model, cfg, tok, log, final, (ref_ids, ref_logits, ref_drafts))
-    print("saved", out / "ckpt.npz", flush=True)
-    return 0
+    final = dict(final, held=held.tolist(), agree=agree.tolist(), popularity=popularity)
+    save(path, model, cfg, tok, log, final, (ref_ids, ref_logits, ref_drafts))
+    print("saved", path, flush=True)
 
 
 def save(path: Path, model, cfg, tok, log, final, ref) -> None:
@@ -601,13 +710,26 @@ def main(argv=None) -> int:
     t.add_argument("--mtp-weight", type=float, default=0.5)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("distill", help="self-distil the MTP heads of a checkpoint, trunk frozen (needs torch)")
+    d.add_argument("ckpt")
+    d.add_argument("--out", default="~/.cache/ggufrun/mtp-distill")
+    d.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
+    d.add_argument("--minutes", type=float, default=40.0)
+    d.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the time budget)")
+    d.add_argument("--batch", type=int, default=16)
+    d.add_argument("--seq", type=int, default=256)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--warmup", type=int, default=20)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--log-every", type=int, default=10)
+    d.add_argument("--seed", type=int, default=0)
     wr = sub.add_parser("write", help="write and verify the GGUFs (project venv)")
     wr.add_argument("ckpt")
     wr.add_argument("--out", default=str(ROOT / "models"))
     wr.add_argument("--tmp", default="/tmp/step35-mtp")
     wr.add_argument("--quant", nargs="*", default=["Q8_0"])
     a = ap.parse_args(argv)
-    return train(a) if a.cmd == "train" else write(a)
+    return {"train": train, "distill": distill, "write": write}[a.cmd](a)
 
 
 if __name__ == "__main__":
