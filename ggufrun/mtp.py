@@ -252,8 +252,7 @@ class MTPDrafter:
         while c.n_past < upto:
             s = c.n_past
             e = min(upto, s + self.max_batch)
-            self.heads[j].hidden(np.asarray(tokens[s:e]), self._h_prev(s, e),
-                                 np.arange(s, e, dtype=np.int32), c)
+            self.heads[j].store(np.asarray(tokens[s:e]), self._h_prev(s, e), np.arange(s, e, dtype=np.int32), c)
 
     def draft(self, tokens, id_last: int, k: int, pick=None) -> tuple[list[int], list]:
         """Up to k tokens after `id_last` (at position len(tokens)), chaining the heads. `pick(logits)`
@@ -320,9 +319,9 @@ class MTPDrafter:
                 e.head = h._desc
                 e.k_cache, e.v_cache, e.pos_cache = cache_arrays(c, 0)
                 e.n_slots, e.ring = c.k[0].shape[0], c.ring[0]
-                if h._n_used:   # a MoE head's choice comes back for the store's statistics
-                    ids = np.empty((self.max_batch, h._n_used), dtype=np.int32)
-                    w = np.empty((self.max_batch, h._n_used), dtype=np.float32)
+                if h._n_used:   # a MoE head's choice (its last row's) comes back for the store's statistics
+                    ids = np.empty((1, h._n_used), dtype=np.int32)
+                    w = np.empty((1, h._n_used), dtype=np.float32)
                     e.ids, e.weights = _from_buffer(_INT32S, ids, True), _from_buffer(_FLOATS, w, True)
                     self._chain_keep.append((i, ids, w))
         first = min(starts)
@@ -336,7 +335,7 @@ class MTPDrafter:
         for i, ids, _ in self._chain_keep:
             if i < k:
                 h = self.heads[i]
-                h.block.ffn.store.record(h.il, ids[:P + i + 1 - starts[i]])
+                h.block.ffn.store.record(h.il, ids[:1])   # the one row that ran the FFN
         for i in range(k):
             self.caches[i].n_past = P + i + 1
         return drafts.tolist()

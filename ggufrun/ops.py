@@ -155,7 +155,7 @@ class AttentionBlock:
         n = x.shape[0]
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((n, self.n_embd), dtype=np.float32)
-        _check(_lib.gr_attention_block(self._desc, _f32(x), n, *cache_args(cache, layer, positions), _f32(y)),
+        _check(_lib.gr_attention_block(self._desc, _f32(x), n, n, *cache_args(cache, layer, positions), _f32(y)),
                self._what)
         return y
 

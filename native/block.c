@@ -9,10 +9,11 @@
 #include <string.h>
 #include "ggufrun.h"
 
-int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, const int32_t *pos,
+int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, int64_t n_out, const int32_t *pos,
                        const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache,
                        int64_t n_kv, float *y) {
-    if (!b || !x || !pos || !slots || !k_cache || !v_cache || !pos_cache || !y || b->n_proj < 3 || b->n_proj > 4)
+    if (!b || !x || !pos || !slots || !k_cache || !v_cache || !pos_cache || (n_out && !y) || b->n_proj < 3 ||
+        b->n_proj > 4 || n_out < 0 || n_out > n_tok)
         return GR_E_ARG;
     const int64_t qd = b->n_head * b->head_dim_k, kd = b->n_head_kv * b->head_dim_k;
     const int64_t vd = b->n_head_kv * b->head_dim_v, od = b->n_head * b->head_dim_v;
@@ -36,14 +37,17 @@ int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, co
     rc = gr_qk_norm_rope(q, k, pos, n_tok, b->n_head, b->n_head_kv, b->head_dim_k, b->q_norm, b->k_norm, b->qk_eps,
                          b->n_rot, b->rope_mode, b->rope_base, b->freq_scale, b->freq_factors, v, b->head_dim_v, slots,
                          k_cache, v_cache, pos_cache);
+    if (rc != GR_OK || n_out == 0) goto done;
+    /* the last n_out rows go on (a query's attention does not depend on the others of its batch, nor a
+     * row's products on the other rows); the rows before only stored their keys and values */
+    const int64_t r0 = n_tok - n_out;
+    rc = gr_attention(q + r0 * qd, k_cache, v_cache, pos + r0, pos_cache, att, n_out, b->n_head, b->n_head_kv, n_kv,
+                      b->head_dim_k, b->head_dim_v, b->scale, b->window, 0.0f, gate ? gate + r0 * b->n_head : NULL);
     if (rc != GR_OK) goto done;
-    rc = gr_attention(q, k_cache, v_cache, pos, pos_cache, att, n_tok, b->n_head, b->n_head_kv, n_kv, b->head_dim_k,
-                      b->head_dim_v, b->scale, b->window, 0.0f, gate);
+    rc = gr_matmul(b->o_qtype, b->o_w, b->n_embd, od, b->o_row_stride, att, n_out, y);
     if (rc != GR_OK) goto done;
-    rc = gr_matmul(b->o_qtype, b->o_w, b->n_embd, od, b->o_row_stride, att, n_tok, y);
-    if (rc != GR_OK) goto done;
-    if (b->post_norm) gr_rms_norm(y, b->post_norm, y, n_tok, b->n_embd, b->eps);
-    for (int64_t i = 0; i < n_tok * b->n_embd; i++) y[i] += x[i];
+    if (b->post_norm) gr_rms_norm(y, b->post_norm, y, n_out, b->n_embd, b->eps);
+    for (int64_t i = 0; i < n_out * b->n_embd; i++) y[i] += x[r0 * b->n_embd + i];
 done:
     free(buf);
     return rc;
@@ -83,10 +87,12 @@ int gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const flo
 /* An MTP head's rows in one call (the draft's hot path: three heads a step, each otherwise a dozen
  * Python-driven calls, ~0.1 ms a head of the trained model's ~0.3). */
 int gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float *h_prev, int64_t n_tok,
-                        const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
+                        int64_t n_out, const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
                         int32_t *pos_cache, int64_t n_kv, int32_t *ids, float *weights, float *h_out,
                         float *logits) {
-    if (!m || !m->attn || !tokens || !h_prev || !h_out || !logits || (m->moe && (!ids || !weights))) return GR_E_ARG;
+    if (!m || !m->attn || !tokens || !h_prev || n_out < 0 || n_out > n_tok ||
+        (n_out && (!h_out || (m->moe && (!ids || !weights)))))
+        return GR_E_ARG;
     if (n_tok <= 0 || m->n_embd <= 0 || m->attn->n_embd != m->n_embd || (m->moe && m->moe->n_embd != m->n_embd))
         return GR_E_SHAPE;
     const int64_t d = m->n_embd;
@@ -102,16 +108,17 @@ int gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float
         const int64_t eh_stride = 2 * d / gr_block_size(m->eh_qtype) * gr_type_size(m->eh_qtype);
         rc = gr_matmul(m->eh_qtype, m->eh_w, d, 2 * d, eh_stride, x2, n_tok, x);
     }
-    if (rc == GR_OK) rc = gr_attention_block(m->attn, x, n_tok, pos, slots, k_cache, v_cache, pos_cache, n_kv, h);
-    if (rc == GR_OK) {
-        if (m->moe) rc = gr_moe_block(m->moe, h, n_tok, m->ffn_norm, m->eps, ids, weights, h_out);
+    if (rc == GR_OK) rc = gr_attention_block(m->attn, x, n_tok, n_out, pos, slots, k_cache, v_cache, pos_cache, n_kv, h);
+    if (rc == GR_OK && n_out) {
+        if (m->moe) rc = gr_moe_block(m->moe, h, n_out, m->ffn_norm, m->eps, ids, weights, h_out);
         else rc = gr_ffn(m->ffn_qtypes[0], m->ffn_w[0], m->ffn_qtypes[1], m->ffn_w[1], m->ffn_qtypes[2], m->ffn_w[2],
-                         d, m->n_ff, h, n_tok, m->ffn_norm, m->eps, GR_ACT_SILU, m->ffn_clamp, h_out);
+                         d, m->n_ff, h, n_out, m->ffn_norm, m->eps, GR_ACT_SILU, m->ffn_clamp, h_out);
     }
-    if (rc == GR_OK) {
-        for (int64_t i = 0; i < n_tok * d; i++) h_out[i] += h[i];
-        rc = gr_matmul_multi(1, &m->head_qtype, &m->head_w, &m->n_vocab, d, h_out + (n_tok - 1) * d, 1, m->head_norm,
-                             m->eps, NULL, logits);
+    if (rc == GR_OK && n_out) {
+        for (int64_t i = 0; i < n_out * d; i++) h_out[i] += h[i];
+        if (logits)
+            rc = gr_matmul_multi(1, &m->head_qtype, &m->head_w, &m->n_vocab, d, h_out + (n_out - 1) * d, 1,
+                                 m->head_norm, m->eps, NULL, logits);
     }
     free(buf);
     return rc;
@@ -130,12 +137,12 @@ int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32
         if (n_past - c->start + i + 1 > max_rows) max_rows = n_past - c->start + i + 1;
     }
     const int64_t d = heads[0].head->n_embd, n_vocab = heads[0].head->n_vocab;
-    /* per row: token, position, slot; h in and out; then the chain's outputs and one logits row */
+    /* per row: token, position, slot, h in; then the chain's outputs (each head's last row) and logits */
     int32_t *ibuf = malloc(sizeof(int32_t) * (size_t)(3 * max_rows));
-    float *fbuf = malloc(sizeof(float) * (size_t)(2 * max_rows * d + (int64_t)n_heads * d + n_vocab));
+    float *fbuf = malloc(sizeof(float) * (size_t)(max_rows * d + (int64_t)n_heads * d + n_vocab));
     int rc = ibuf && fbuf ? GR_OK : GR_E_NOMEM;
     int32_t *toks = ibuf, *pos = toks + max_rows, *slots = pos + max_rows;
-    float *h_in = fbuf, *h_out = h_in + max_rows * d, *chain = h_out + max_rows * d, *logits = chain + n_heads * d;
+    float *h_in = fbuf, *chain = h_in + max_rows * d, *logits = chain + n_heads * d;
     for (int i = 0; i < n_heads && rc == GR_OK; i++) {
         const gr_mtp_chain_head *c = &heads[i];
         const int64_t n = n_past - c->start + i + 1;
@@ -154,10 +161,10 @@ int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32
             }
         }
         if (!c->ring && n_past + i >= c->n_slots) { rc = GR_E_ARG; break; }
-        rc = gr_mtp_head_forward(c->head, toks, h_in, n, pos, slots, c->k_cache, c->v_cache, c->pos_cache,
-                                 c->ring ? c->n_slots : n_past + i + 1, c->ids, c->weights, h_out, logits);
+        rc = gr_mtp_head_forward(c->head, toks, h_in, n, 1, pos, slots, c->k_cache, c->v_cache, c->pos_cache,
+                                 c->ring ? c->n_slots : n_past + i + 1, c->ids, c->weights, chain + (int64_t)i * d,
+                                 logits);
         if (rc != GR_OK) break;
-        memcpy(chain + (int64_t)i * d, h_out + (n - 1) * d, sizeof(float) * (size_t)d);
         int64_t best = 0;
         for (int64_t j = 1; j < n_vocab; j++)
             if (logits[j] > logits[best]) best = j;

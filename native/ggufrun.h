@@ -161,8 +161,11 @@ typedef struct {
 /* y = x + post_norm(attn_output(attention(...))) for x (n_tok, n_embd) at positions pos: the chain of
  * gr_matmul_multi, bias adds, gr_qk_norm_rope (storing this batch's keys, values and positions at rows
  * `slots` of the layer's caches), gr_attention over the first n_kv cache rows, gr_matmul, gr_rms_norm and
- * the residual add, the same bits as those calls one by one. y must not overlap x. */
-int  gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, const int32_t *pos,
+ * the residual add, the same bits as those calls one by one. Only the last n_out rows (0..n_tok) go past
+ * the cache store: y gets n_out rows, the bits those rows have in a full batch (the rows before only
+ * store keys and values, which is all an MTP head's catch-up and staircase rows need). y must not
+ * overlap x. */
+int  gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, int64_t n_out, const int32_t *pos,
                         const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache,
                         int64_t n_kv, float *y);
 
@@ -221,19 +224,20 @@ typedef struct {
 /* n_tok rows of a head at positions pos (its one-layer KV cache as gr_attention_block takes it): row t
  * pairs token tokens[t] with the hidden state h_prev[t] (n_embd floats) of the position before;
  * x = eh_proj(concat(rms_norm(embd[token]) * enorm, rms_norm(h_prev) * hnorm)), h = x + attention,
- * h_out = h + ffn(rms_norm(h) * ffn_norm): the next head's h input. logits (n_vocab floats): the last
- * row's head(rms_norm(h_out) * head_norm). ids/weights (n_tok * n_used) receive a MoE FFN's choice
- * (NULL for a dense one). gr_get_rows, gr_rms_norm, gr_matmul, gr_attention_block, gr_moe_block or
- * gr_ffn and gr_matmul_multi in turn: the bits of those calls one by one. */
+ * h_out = h + ffn(rms_norm(h) * ffn_norm): the next head's h input. Every row stores its keys and values;
+ * only the last n_out rows (0..n_tok) go on: h_out gets n_out rows, logits (n_vocab floats, or NULL for
+ * none) the last one's head(rms_norm(h_out) * head_norm), ids/weights (n_out * n_used) a MoE FFN's
+ * choice (NULL for a dense one). gr_get_rows, gr_rms_norm, gr_matmul, gr_attention_block, gr_moe_block
+ * or gr_ffn and gr_matmul_multi in turn: the bits of those calls one by one. */
 int  gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float *h_prev, int64_t n_tok,
-                         const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
+                         int64_t n_out, const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
                          int32_t *pos_cache, int64_t n_kv, int32_t *ids, float *weights, float *h_out,
                          float *logits);
 
 /* One head of a greedy draft chain (gr_mtp_draft_greedy): the head, its one-layer KV cache (n_slots rows;
  * ring: slot = position mod n_slots, a sliding window's ring, else slot = position), the first position
  * its call carries (start <= n_past: committed rows start..n_past-1 the head has not seen yet ride along)
- * and, for a MoE head, where its rows' expert choice goes (rows * n_used each; NULL for a dense head). */
+ * and, for a MoE head, where its last row's expert choice goes (n_used each; NULL for a dense head). */
 typedef struct {
     const gr_mtp_head *head;
     uint16_t *k_cache, *v_cache;
@@ -248,8 +252,8 @@ typedef struct {
  * committed rows (tokens[p - tokens_from], h_hist[p-1], zeros for p = 0; tokens_from <= every start), then
  * (id_last, h_hist[n_past-1]), then
  * (draft m, head m-1's last output row) for m = 1..i -- and its logits' arg-max (the first maximum, as
- * numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward: the bits of the heads called one by
- * one. h_hist: the trunk's pre-norm hidden states of positions 0..n_past-1 (n_embd floats each). The
+ * numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward with n_out = 1 (only the last row's
+ * output is used): the bits of the heads called one by one. h_hist: the trunk's pre-norm hidden states of positions 0..n_past-1 (n_embd floats each). The
  * caches keep the rows written (the caller rolls the draft rows back). */
 int  gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32_t *tokens, int64_t tokens_from,
                          int64_t n_past, int32_t id_last, const float *h_hist, int32_t *drafts);

@@ -1062,7 +1062,7 @@ def test_block_calls_refuse_bad_descriptions():
     block._desc.n_proj = 3
     y = np.zeros((1, 64), np.float32)
     i32 = lambda a: f.from_buffer("int32_t[]", a)  # noqa: E731
-    rc = lib.gr_attention_block(block._desc, f.from_buffer("float[]", x), 1, i32(pos), i32(pos), f.NULL, f.NULL,
+    rc = lib.gr_attention_block(block._desc, f.from_buffer("float[]", x), 1, 1, i32(pos), i32(pos), f.NULL, f.NULL,
                                 i32(cache.pos[0]), 1, f.from_buffer("float[]", y))
     with pytest.raises(ValueError, match="argument out of range"):
         native._check(rc, "attention block")

@@ -180,6 +180,7 @@ class NextN:
             "n_ff": ffn.n_ff if dense else 0, "ffn_clamp": ffn._clamp if dense else 0.0,
             "head_norm": _f32(self.head_norm), "head_qtype": self.head.qtype, "head_w": self.head._w})
         self._what = f"mtp head blk.{self.il}"
+        self.n_embd = p.n_embd
 
     @property
     def chains_natively(self) -> bool:
@@ -201,30 +202,42 @@ class NextN:
         return self.head(rms_norm(h, self.head_norm, self.eps))
 
     def forward(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> tuple:
-        """hidden() and the last row's logits() in one native call: (block outputs, logits), the same bits.
+        """hidden()'s last row and its logits() in one native call: (block output (1, n_embd), logits), the
+        same bits. The rows before the last only store their keys and values: all a draft needs of them.
         (A MoE head with an expert cache runs the steps: the cache places the chosen experts first.)"""
-        ffn = self.block.ffn
         if not self.chains_natively:
-            h = self.hidden(tokens, h_prev, positions, cache)
-            return h, self.logits(h[-1:])[0]
+            h = self.hidden(tokens, h_prev, positions, cache)[-1:]
+            return h, self.logits(h)[0]
+        return self._call(tokens, h_prev, positions, cache, 1)
+
+    def store(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> None:
+        """Only the keys and values of these rows into this head's cache (a catch-up over committed
+        positions: nothing reads the rows' outputs), the bits hidden() stores."""
+        if not self.chains_natively:
+            self.hidden(tokens, h_prev, positions, cache)
+        else:
+            self._call(tokens, h_prev, positions, cache, 0)
+
+    def _call(self, tokens, h_prev, positions, cache, n_out: int):
+        ffn = self.block.ffn
         n = len(tokens)
         cache.check_room(n)
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         h_prev = np.ascontiguousarray(h_prev, dtype=np.float32)
-        h = np.empty_like(h_prev)
-        logits = np.empty(self.head.rows, dtype=np.float32)
+        h = np.empty((n_out, self.n_embd), dtype=np.float32)
+        logits = np.empty(self.head.rows, dtype=np.float32) if n_out else None
         choice = ()
-        if self._n_used:   # a MoE FFN's choice comes back for the store's statistics
-            ids = np.empty((n, self._n_used), dtype=np.int32)
-            choice = (ids, np.empty((n, self._n_used), dtype=np.float32))
-        _check(_lib.gr_mtp_head_forward(self._desc, _from_buffer(_INT32S, tokens, False), _f32(h_prev), n,
+        if self._n_used and n_out:   # a MoE FFN's choice comes back for the store's statistics
+            choice = (np.empty((n_out, self._n_used), dtype=np.int32), np.empty((n_out, self._n_used), dtype=np.float32))
+        _check(_lib.gr_mtp_head_forward(self._desc, _from_buffer(_INT32S, tokens, False), _f32(h_prev), n, n_out,
                                         *cache_args(cache, 0, positions),
                                         _from_buffer(_INT32S, choice[0], True) if choice else _ffi.NULL,
-                                        _f32(choice[1]) if choice else _ffi.NULL, _f32(h), _f32(logits)), self._what)
+                                        _f32(choice[1]) if choice else _ffi.NULL, _f32(h) if n_out else _ffi.NULL,
+                                        _f32(logits) if n_out else _ffi.NULL), self._what)
         if choice:
             ffn.store.record(ffn.il, choice[0])
         cache.n_past = int(positions[-1]) + 1
-        return h, logits
+        return (h, logits) if n_out else None
 
 
 class Model(TransformerLM):
