@@ -43,6 +43,7 @@ leaves the popularity skew that real routers show.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -423,6 +424,20 @@ def evaluate(model, held_ids, n_batches, B, T):
     return ce / n_batches, agree / n_batches
 
 
+def lr_schedule(a, opt):
+    """Until the wall-clock budget (or --steps) is spent: sets and yields each step's learning rate, a
+    linear warm-up, then a cosine to a tenth over the budget."""
+    start = time.time()
+    for step in itertools.count():
+        frac = (time.time() - start) / (a.minutes * 60)
+        if frac >= 1.0 or (a.steps and step >= a.steps):
+            return
+        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        yield lr
+
+
 def train(a) -> int:
     import torch
     torch.set_num_threads(1)
@@ -441,18 +456,11 @@ def train(a) -> int:
     T, B = a.seq, a.batch
     moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
 
-    budget = a.minutes * 60
     start = time.time()
     step, ema = 0, None
     log = []
     last_ckpt = start
-    while True:
-        frac = (time.time() - start) / budget
-        if frac >= 1.0 or (a.steps and step >= a.steps):
-            break
-        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for lr in lr_schedule(a, opt):
         for c in model.expert_counts.values():
             c.zero_()
         ls, _ = losses(model, batch(train_ids, rng, B, T))
@@ -523,17 +531,10 @@ def distill(a) -> int:
     held0 = evaluate(model, held_ids, 8, 8, T)
     print("held-out before (losses; agreement with the trunk):", held0[0].round(4).tolist(), held0[1].round(4).tolist(),
           flush=True)
-    budget = a.minutes * 60
     start = time.time()
     step, ema = 0, None
     log = list(meta["log"])
-    while True:
-        frac = (time.time() - start) / budget
-        if frac >= 1.0 or (a.steps and step >= a.steps):
-            break
-        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for lr in lr_schedule(a, opt):
         x = batch(train_ids, rng, B, T)[:, :-1]
         with torch.no_grad():
             levels = [model.trunk(x)]
@@ -698,31 +699,26 @@ def write(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train (needs torch, tokenizers)")
-    t.add_argument("--out", default="~/.cache/ggufrun/mtp-train")
-    t.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
-    t.add_argument("--minutes", type=float, default=45.0)
-    t.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the time budget)")
-    t.add_argument("--batch", type=int, default=16)
-    t.add_argument("--seq", type=int, default=256)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--warmup", type=int, default=60)
+    def training_loop(name, help, out, minutes, lr, warmup):
+        """The options train and distill share (a wall-clock budget, batches, a warmed-up cosine lr)."""
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--out", default=out)
+        p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
+        p.add_argument("--minutes", type=float, default=minutes)
+        p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the time budget)")
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--seq", type=int, default=256)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--warmup", type=int, default=warmup)
+        p.add_argument("--log-every", type=int, default=10)
+        p.add_argument("--seed", type=int, default=0)
+        return p
+    t = training_loop("train", "train (needs torch, tokenizers)", "~/.cache/ggufrun/mtp-train", 45.0, 3e-3, 60)
     t.add_argument("--mtp-weight", type=float, default=0.5)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--seed", type=int, default=0)
-    d = sub.add_parser("distill", help="self-distil the MTP heads of a checkpoint, trunk frozen (needs torch)")
+    d = training_loop("distill", "self-distil the MTP heads of a checkpoint, trunk frozen (needs torch)",
+                      "~/.cache/ggufrun/mtp-distill", 40.0, 1e-3, 20)
     d.add_argument("ckpt")
-    d.add_argument("--out", default="~/.cache/ggufrun/mtp-distill")
-    d.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
-    d.add_argument("--minutes", type=float, default=40.0)
-    d.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the time budget)")
-    d.add_argument("--batch", type=int, default=16)
-    d.add_argument("--seq", type=int, default=256)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--warmup", type=int, default=20)
     d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--log-every", type=int, default=10)
-    d.add_argument("--seed", type=int, default=0)
     wr = sub.add_parser("write", help="write and verify the GGUFs (project venv)")
     wr.add_argument("ckpt")
     wr.add_argument("--out", default=str(ROOT / "models"))
