@@ -261,6 +261,8 @@ class MTPDrafter:
         without the Python between them: ~0.15 ms a step of ~2)."""
         P = len(tokens)
         k = min(k, self.n_heads)
+        if k <= 0:
+            return [], []
         # committed rows a head has not seen yet (the drafts accepted last step) ride in the same call as
         # its draft rows: one block evaluation per head per step, not two. Rows are independent but for
         # causal attention, so this equals catching up first. A head further behind (unused for a while)
@@ -330,8 +332,14 @@ class MTPDrafter:
             self._chain[i].start = s
         committed = np.asarray(tokens[first:P], dtype=np.int32)
         drafts = np.empty(k, dtype=np.int32)
-        _check(_lib.gr_mtp_draft_greedy(self._chain, k, _from_buffer(_INT32S, committed, False), first, P, int(id_last),
-                                        _f32(self.h_hist), _from_buffer(_INT32S, drafts, True)), "mtp draft chain")
+        rc = _lib.gr_mtp_draft_greedy(self._chain, k, _from_buffer(_INT32S, committed, False), first, P, int(id_last),
+                                      _f32(self.h_hist), _from_buffer(_INT32S, drafts, True))
+        if rc:   # rows some heads wrote before the failure: forget them, as if those heads had not run
+            for i, s in enumerate(starts):
+                c = self.caches[i]
+                c.n_past = P + i + 1
+                c.truncate(s)
+            _check(rc, f"mtp draft chain at position {P} (id_last {id_last})")
         for i, ids, _ in self._chain_keep:
             if i < k:
                 h = self.heads[i]

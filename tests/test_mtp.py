@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
 import ggufrun  # noqa: E402
 from ggufrun import native  # noqa: E402
-from ggufrun.kv_cache import KVCache  # noqa: E402
+from ggufrun.kv_cache import EMPTY_POS, KVCache  # noqa: E402
 import quant  # noqa: E402
 import step35_tiny  # noqa: E402
 from ggufrun.mtp import (DraftController, ExpertReads, MTPStats, expected_tokens,  # noqa: E402
@@ -368,6 +368,17 @@ def test_greedy_chain_in_one_call_equals_the_heads_one_by_one(llms, model):
     assert len(recorded[0]) == len(recorded[1])
     assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(*recorded))
     assert (len(recorded[0]) > 0) == any(m.params.is_moe[hd.il] for hd in m.nextn)
+    # a failing chain (an id outside the vocabulary) names itself and leaves the heads' caches as before
+    d = ways[0]
+    before = [(c.n_past, c.pos[0].copy()) for c in d.caches]
+    with pytest.raises(ValueError, match=f"mtp draft chain at position {len(tokens)} .id_last {m.n_vocab}."):
+        d.draft(tokens, m.n_vocab, 3)
+    for c, (n, pos) in zip(d.caches, before):
+        assert c.n_past <= n and np.array_equal(c.pos[0][:c.n_past], pos[:c.n_past])
+        assert (c.pos[0][c.n_past:] == EMPTY_POS).all() or c.ring[0]
+    with pytest.raises(ValueError, match="cannot draft at"):
+        d.draft(tokens + [1, 2], 3, 2)
+    assert d.draft(tokens, 3, 0) == ([], [])
 
 
 def test_an_idle_head_catches_up_apart_and_timed(llms):

@@ -1066,6 +1066,12 @@ def test_block_calls_refuse_bad_descriptions():
                                 i32(cache.pos[0]), 1, f.from_buffer("float[]", y))
     with pytest.raises(ValueError, match="argument out of range"):
         native._check(rc, "attention block")
+    for n_out in (-1, 2):   # output rows outside 0..n_tok
+        rc = lib.gr_attention_block(block._desc, f.from_buffer("float[]", x), 1, n_out, i32(pos), i32(pos),
+                                    f.from_buffer("uint16_t[]", cache.k[0].view(np.uint16)),
+                                    f.from_buffer("uint16_t[]", cache.v[0].view(np.uint16)), i32(cache.pos[0]), 1,
+                                    f.from_buffer("float[]", y))
+        assert rc == native.GR_E_ARG, n_out
 
     router = ops.Linear(_qtensor(T.F32, 4, 64, rng, "router"))
     layer = f.new("gr_moe_layer *", {"n_embd": 64, "n_expert": 4, "n_used": 2, "n_ff": 32, "router_qtype": 99,
