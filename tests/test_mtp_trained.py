@@ -19,10 +19,11 @@ MODEL = ROOT / "models" / "step35-mtp-py-Q8_0.gguf"
 HELDOUT = Path(__file__).parent / "data" / "mtp_heldout.txt"
 N_GEN = 40
 N_POS = 300
-# head 1's teacher-forced acceptance on the first N_POS positions of the held-out text: 52.0% measured
-# on the committed file (llama.cpp's own MTP: 53.3%; bench/llamacpp_mtp.py, models/README.md). A head
-# that did not predict would accept ~1/4096; the floor leaves a wide margin for rounding changes.
-HEAD1_FLOOR = 0.35
+# head 1's teacher-forced acceptance on the first N_POS positions of the held-out text: 69.3% measured
+# on the committed file (llama.cpp's own MTP: 69.7%; bench/llamacpp_mtp.py, models/README.md), 52.0%
+# before its heads were distilled on the trunk. A head that did not predict would accept ~1/4096; the
+# floor leaves room for rounding changes and still fails heads that lost their distillation.
+HEAD1_FLOOR = 0.6
 
 
 def prompts(n: int) -> list[str]:
