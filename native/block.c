@@ -133,6 +133,7 @@ int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32
         if (!c->head || c->start < 0 || c->start > n_past || c->n_slots <= 0 ||
             (c->start < n_past && (!tokens || c->start < tokens_from)))
             return GR_E_ARG;
+        if (!c->ring && n_past + i >= c->n_slots) return GR_E_ARG;   /* checked before any head writes */
         if (c->head->n_embd != heads[0].head->n_embd || c->head->n_vocab != heads[0].head->n_vocab) return GR_E_SHAPE;
         if (n_past - c->start + i + 1 > max_rows) max_rows = n_past - c->start + i + 1;
     }
@@ -160,7 +161,6 @@ int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32
                 memcpy(h, chain + (p - n_past - 1) * d, sizeof(float) * (size_t)d);
             }
         }
-        if (!c->ring && n_past + i >= c->n_slots) { rc = GR_E_ARG; break; }
         rc = gr_mtp_head_forward(c->head, toks, h_in, n, 1, pos, slots, c->k_cache, c->v_cache, c->pos_cache,
                                  c->ring ? c->n_slots : n_past + i + 1, c->ids, c->weights, chain + (int64_t)i * d,
                                  logits);

@@ -249,12 +249,12 @@ typedef struct {
     float *weights;
 } gr_mtp_chain_head;
 /* Greedy drafting with chained heads in one call: head i runs rows at positions start_i..n_past+i --
- * committed rows (tokens[p - tokens_from], h_hist[p-1], zeros for p = 0; tokens_from <= every start), then
- * (id_last, h_hist[n_past-1]), then
- * (draft m, head m-1's last output row) for m = 1..i -- and its logits' arg-max (the first maximum, as
- * numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward with n_out = 1 (only the last row's
- * output is used): the bits of the heads called one by one. h_hist: the trunk's pre-norm hidden states of positions 0..n_past-1 (n_embd floats each). The
- * caches keep the rows written (the caller rolls the draft rows back). */
+ * committed rows (tokens[p - tokens_from], h_hist[p-1], zeros for p = 0; tokens_from <= every start),
+ * then (id_last, h_hist[n_past-1]), then (draft m, head m-1's last output row) for m = 1..i -- and its
+ * logits' arg-max (the first maximum, as numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward
+ * with n_out = 1 (only the last row's output is used): the bits of the heads called one by one. h_hist:
+ * the trunk's pre-norm hidden states of positions 0..n_past-1 (n_embd floats each). The caches keep the
+ * rows written (the caller rolls the draft rows back). */
 int  gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32_t *tokens, int64_t tokens_from,
                          int64_t n_past, int32_t id_last, const float *h_hist, int32_t *drafts);
 

@@ -150,6 +150,7 @@ class NextN:
     def __init__(self, f: GGUFFile, il: int, p: Params, experts: ExpertStore, model: "Model"):
         pre = f"blk.{il}.nextn."
         self.il = il
+        self.n_embd = p.n_embd
         self.eps = p.norm_eps
         self.eh_proj = Linear(f.tensor(pre + "eh_proj.weight", (p.n_embd, 2 * p.n_embd)))
         self.enorm = small(f, pre + "enorm.weight", (p.n_embd,))
@@ -180,7 +181,6 @@ class NextN:
             "n_ff": ffn.n_ff if dense else 0, "ffn_clamp": ffn._clamp if dense else 0.0,
             "head_norm": _f32(self.head_norm), "head_qtype": self.head.qtype, "head_w": self.head._w})
         self._what = f"mtp head blk.{self.il}"
-        self.n_embd = p.n_embd
 
     @property
     def chains_natively(self) -> bool:
