@@ -10,7 +10,7 @@ NATIVE := native/build/libggufrun.so
 all: native
 
 native: $(NATIVE)
-$(NATIVE): $(wildcard native/*.c native/*.h) native/Makefile
+$(NATIVE): $(wildcard native/*.c native/*.h native/*.inc) native/Makefile
 	$(MAKE) -C native
 
 $(VENV)/.stamp: pyproject.toml scripts/build_oracle.sh

@@ -6,7 +6,8 @@ Prompts are the openings of modules held out of the model's training (models/ste
 HOLDOUT; tests/data/mtp_heldout.txt keeps a copy). For each prompt and round, greedy decoding runs
 without MTP and with it (fixed k = 1, 2, 3, and the adaptive controller), alternating in the same
 process so machine load hits all variants alike; decode tokens/s is generated tokens over decode
-time (prompt processing excluded). Every MTP run's text is checked equal to the plain run's.
+time (prompt processing excluded). Every MTP run's text is checked equal to the plain run's. Drafts range over the default draft
+vocabulary (mtp.default_draft_vocab: here the first 1024 of 4096 ids), but k3-allids' over every id.
 
 Also printed: acceptance per draft position (fixed k = 3: position i's rate is conditional on drafts
 < i accepted), and where a step's time goes: a 1-token trunk step, a (k+1)-token verify, one head call
@@ -39,8 +40,9 @@ def prompts(n: int) -> list[str]:
     return parts[:n]
 
 
-def decode(llm, ids, n, k, adaptive=False):
+def decode(llm, ids, n, k, adaptive=False, vocab=None):
     llm.mtp_adaptive = adaptive
+    llm.mtp_vocab = vocab
     llm.reset()
     out = llm.generate(ids, max_tokens=n, temperature=0.0, mtp=k)
     s = llm.last_stats
@@ -110,6 +112,9 @@ def step_costs(llm, ids) -> dict:
         for c in d.caches:
             c.truncate(min(c.n_past, P))
     out["draft_k3"] = timeit(draft3)
+    vocab, d.draft_vocab = d.draft_vocab, m.n_vocab
+    out["draft_k3_allids"] = timeit(draft3)
+    d.draft_vocab = vocab
     return out
 
 
@@ -123,7 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "out" / "mtp_speedup.json"))
     a = ap.parse_args(argv)
     llm = ggufrun.load(a.model, n_threads=a.threads, n_ctx=1024)
-    variants = [("plain", 0, False), ("k1", 1, False), ("k2", 2, False), ("k3", 3, False), ("adaptive", 3, True)]
+    # drafts over the default draft vocabulary (the first quarter of the ids), but k3-allids: any id
+    variants = [("plain", 0, False, None), ("k1", 1, False, None), ("k2", 2, False, None), ("k3", 3, False, None),
+                ("k3-allids", 3, False, 0), ("adaptive", 3, True, None)]
     rates = {v[0]: [] for v in variants}
     acc = {v[0]: [[0, 0] for _ in range(3)] for v in variants}
     ok = True
@@ -137,8 +144,8 @@ def main(argv=None) -> int:
             ref = None
             order = variants if r % 2 == 0 else variants[::-1]
             results = {}
-            for name, k, adaptive in order:
-                out, tps, s = decode(llm, ids, a.tokens, k, adaptive)
+            for name, k, adaptive, vocab in order:
+                out, tps, s = decode(llm, ids, a.tokens, k, adaptive, vocab)
                 results[name] = out
                 rates[name].append(tps)
                 if s.mtp is not None:

@@ -22,7 +22,7 @@ from . import models, native
 from .gguf_file import GGUFFile
 from .hub import resolve
 from .kv_cache import ContextFullError
-from .mtp import DraftController, MTPDrafter, MTPStats, dense, speculative_accept
+from .mtp import DraftController, MTPDrafter, MTPStats, default_draft_vocab, dense, speculative_accept
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer
 
@@ -80,6 +80,7 @@ class LLM:
             self.expert_cache.close()
     mtp: int | None = None        # default draft length; None: every MTP head of the file, 0: off
     mtp_adaptive: bool = True     # let measured acceptance and step cost pick k per step (<= mtp)
+    mtp_vocab: int | None = None  # drafts are ids < mtp_vocab; None: mtp.default_draft_vocab, 0: any id
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx, self.n_batch)
@@ -103,6 +104,9 @@ class LLM:
     def _mtp_drafter(self) -> MTPDrafter:
         if self._drafter is None:
             self._drafter = MTPDrafter(self.model, self.n_ctx, self.n_batch)
+        n_vocab = self.model.n_vocab
+        v = self.mtp_vocab
+        self._drafter.draft_vocab = default_draft_vocab(n_vocab) if v is None else min(v, n_vocab) if v else n_vocab
         return self._drafter
 
     # -- text <-> ids -----------------------------------------------------------------------------
@@ -378,6 +382,11 @@ class LLM:
         ctl.start(k_max)
         greedy = sampler.cfg.temperature <= 0
         n_vocab = self.model.n_vocab
+        # adaptive: the default draft vocabulary gives way to the whole one where the text leaves it
+        limit = d.draft_vocab
+        auto_vocab = self.mtp_adaptive and self.mtp_vocab is None and limit < n_vocab
+        if auto_vocab and ctl.vocab_wide:
+            d.draft_vocab = n_vocab
 
         def pick(lg):
             if greedy:
@@ -425,6 +434,8 @@ class LLM:
                 self.tokens = self.tokens[:keep]
                 d.truncate(keep)
             ctl.update(k, n_acc, time.perf_counter() - t0 - d.catchup_seconds)
+            if auto_vocab:
+                d.draft_vocab = n_vocab if ctl.note_tokens(out, limit) else limit
             stats.mtp.record(k, n_acc)
             for j, t in enumerate(out):
                 tok = t

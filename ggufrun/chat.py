@@ -65,6 +65,7 @@ class ChatSession:
         s = cls(llm, system=a.system, max_tokens=a.n_predict, **sampling_kwargs(a))
         if getattr(a, "mtp", None) is not None:
             llm.mtp = a.mtp
+        llm.mtp_vocab = getattr(a, "mtp_vocab", None)
         s.load_seconds = time.perf_counter() - t
         s.expert_stats_file = a.expert_stats_file
         return s

@@ -66,11 +66,22 @@ def print_plan(llm) -> None:
         print("placement:", *llm.placement.lines(), sep="\n", file=sys.stderr)
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {n}")
+    return n
+
+
 def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", type=int, default=None, metavar="N",
                    help="speculative decoding with the model's MTP heads: draft up to N tokens per step (0: off;"
                         " default: every head the file has). Output is unchanged; the draft length adapts to"
                         " measured acceptance and step cost")
+    p.add_argument("--mtp-vocab", type=_count, default=None, metavar="N",
+                   help="drafts are the first N token ids, whose vocabulary-projection rows are all the heads"
+                        " compute (0: any id; default: a quarter of the vocabulary, at least 1024)")
 
 
 def _add_vision_args(p: argparse.ArgumentParser, images: bool) -> None:
@@ -136,6 +147,7 @@ def cmd_run(a) -> int:
         raise ValueError("--image needs --mmproj MMPROJ (the model's vision projector)")
     images = [load_image(p) for p in a.image]   # a bad image fails before the model loads
     llm = api.load(a.model, n_threads=a.threads, n_ctx=a.ctx_size, mmproj=a.mmproj, **placement_kwargs(a))
+    llm.mtp_vocab = a.mtp_vocab
     print_plan(llm)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     add_special = True

@@ -89,9 +89,9 @@ int gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const flo
 int gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float *h_prev, int64_t n_tok,
                         int64_t n_out, const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
                         int32_t *pos_cache, int64_t n_kv, int32_t *ids, float *weights, float *h_out,
-                        float *logits) {
+                        int64_t n_logits, float *logits) {
     if (!m || !m->attn || !tokens || !h_prev || n_out < 0 || n_out > n_tok ||
-        (n_out && (!h_out || (m->moe && (!ids || !weights)))))
+        (n_out && (!h_out || (m->moe && (!ids || !weights)))) || (logits && (n_logits < 1 || n_logits > m->n_vocab)))
         return GR_E_ARG;
     if (n_tok <= 0 || m->n_embd <= 0 || m->attn->n_embd != m->n_embd || (m->moe && m->moe->n_embd != m->n_embd))
         return GR_E_SHAPE;
@@ -117,7 +117,7 @@ int gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float
     if (rc == GR_OK && n_out) {
         for (int64_t i = 0; i < n_out * d; i++) h_out[i] += h[i];
         if (logits)
-            rc = gr_matmul_multi(1, &m->head_qtype, &m->head_w, &m->n_vocab, d, h_out + (n_out - 1) * d, 1,
+            rc = gr_matmul_multi(1, &m->head_qtype, &m->head_w, &n_logits, d, h_out + (n_out - 1) * d, 1,
                                  m->head_norm, m->eps, NULL, logits);
     }
     free(buf);
@@ -125,8 +125,10 @@ int gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float
 }
 
 int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32_t *tokens, int64_t tokens_from,
-                        int64_t n_past, int32_t id_last, const float *h_hist, int32_t *drafts) {
-    if (!heads || n_heads <= 0 || n_past < 0 || (n_past && !h_hist) || !drafts) return GR_E_ARG;
+                        int64_t n_past, int32_t id_last, const float *h_hist, int64_t n_logits, int32_t *drafts) {
+    if (!heads || n_heads <= 0 || n_past < 0 || (n_past && !h_hist) || !drafts || !heads[0].head ||
+        n_logits < 1 || n_logits > heads[0].head->n_vocab)
+        return GR_E_ARG;
     int64_t max_rows = 0;
     for (int i = 0; i < n_heads; i++) {
         const gr_mtp_chain_head *c = &heads[i];
@@ -137,10 +139,10 @@ int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32
         if (c->head->n_embd != heads[0].head->n_embd || c->head->n_vocab != heads[0].head->n_vocab) return GR_E_SHAPE;
         if (n_past - c->start + i + 1 > max_rows) max_rows = n_past - c->start + i + 1;
     }
-    const int64_t d = heads[0].head->n_embd, n_vocab = heads[0].head->n_vocab;
+    const int64_t d = heads[0].head->n_embd;
     /* per row: token, position, slot, h in; then the chain's outputs (each head's last row) and logits */
     int32_t *ibuf = malloc(sizeof(int32_t) * (size_t)(3 * max_rows));
-    float *fbuf = malloc(sizeof(float) * (size_t)(max_rows * d + (int64_t)n_heads * d + n_vocab));
+    float *fbuf = malloc(sizeof(float) * (size_t)(max_rows * d + (int64_t)n_heads * d + n_logits));
     int rc = ibuf && fbuf ? GR_OK : GR_E_NOMEM;
     int32_t *toks = ibuf, *pos = toks + max_rows, *slots = pos + max_rows;
     float *h_in = fbuf, *chain = h_in + max_rows * d, *logits = chain + n_heads * d;
@@ -163,10 +165,10 @@ int gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32
         }
         rc = gr_mtp_head_forward(c->head, toks, h_in, n, 1, pos, slots, c->k_cache, c->v_cache, c->pos_cache,
                                  c->ring ? c->n_slots : n_past + i + 1, c->ids, c->weights, chain + (int64_t)i * d,
-                                 logits);
+                                 n_logits, logits);
         if (rc != GR_OK) break;
         int64_t best = 0;
-        for (int64_t j = 1; j < n_vocab; j++)
+        for (int64_t j = 1; j < n_logits; j++)
             if (logits[j] > logits[best]) best = j;
         drafts[i] = (int32_t)best;
     }

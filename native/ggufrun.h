@@ -225,14 +225,16 @@ typedef struct {
  * pairs token tokens[t] with the hidden state h_prev[t] (n_embd floats) of the position before;
  * x = eh_proj(concat(rms_norm(embd[token]) * enorm, rms_norm(h_prev) * hnorm)), h = x + attention,
  * h_out = h + ffn(rms_norm(h) * ffn_norm): the next head's h input. Every row stores its keys and values;
- * only the last n_out rows (0..n_tok) go on: h_out gets n_out rows, logits (n_vocab floats, or NULL for
- * none) the last one's head(rms_norm(h_out) * head_norm), ids/weights (n_out * n_used) a MoE FFN's
+ * only the last n_out rows (0..n_tok) go on: h_out gets n_out rows, logits (n_logits floats, or NULL for
+ * none) the last one's head(rms_norm(h_out) * head_norm) over the first n_logits ids (1..n_vocab: a draft
+ * may be confined to the most frequent ids, which come first in merge or score order, at a fraction of
+ * the whole projection's bytes, as FR-Spec does), ids/weights (n_out * n_used) a MoE FFN's
  * choice (NULL for a dense one). gr_get_rows, gr_rms_norm, gr_matmul, gr_attention_block, gr_moe_block
  * or gr_ffn and gr_matmul_multi in turn: the bits of those calls one by one. */
 int  gr_mtp_head_forward(const gr_mtp_head *m, const int32_t *tokens, const float *h_prev, int64_t n_tok,
                          int64_t n_out, const int32_t *pos, const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache,
                          int32_t *pos_cache, int64_t n_kv, int32_t *ids, float *weights, float *h_out,
-                         float *logits);
+                         int64_t n_logits, float *logits);
 
 /* One head of a greedy draft chain (gr_mtp_draft_greedy): the head, its one-layer KV cache (n_slots rows;
  * ring: slot = position mod n_slots, a sliding window's ring, else slot = position), the first position
@@ -250,13 +252,13 @@ typedef struct {
 } gr_mtp_chain_head;
 /* Greedy drafting with chained heads in one call: head i runs rows at positions start_i..n_past+i --
  * committed rows (tokens[p - tokens_from], h_hist[p-1], zeros for p = 0; tokens_from <= every start),
- * then (id_last, h_hist[n_past-1]), then (draft m, head m-1's last output row) for m = 1..i -- and its
- * logits' arg-max (the first maximum, as numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward
+ * then (id_last, h_hist[n_past-1]), then (draft m, head m-1's last output row) for m = 1..i -- and the
+ * arg-max of its logits over ids 0..n_logits-1 (the first maximum, as numpy's argmax) is drafts[i]. Each call is gr_mtp_head_forward
  * with n_out = 1 (only the last row's output is used): the bits of the heads called one by one. h_hist:
  * the trunk's pre-norm hidden states of positions 0..n_past-1 (n_embd floats each). The caches keep the
  * rows written (the caller rolls the draft rows back). */
 int  gr_mtp_draft_greedy(const gr_mtp_chain_head *heads, int n_heads, const int32_t *tokens, int64_t tokens_from,
-                         int64_t n_past, int32_t id_last, const float *h_hist, int32_t *drafts);
+                         int64_t n_past, int32_t id_last, const float *h_hist, int64_t n_logits, int32_t *drafts);
 
 /* ---- moe ---- (native/moe.c: all selected experts of a batch in one call) */
 /* y[t] = sum_k weights[t*n_used+k] * down_e(swiglu(gate_e(x[t]), up_e(x[t]))), e = ids[t*n_used+k].

@@ -151,3 +151,16 @@ def test_chat_multiline_and_ctrl_c_stops_only_the_reply(chat):
     chat.expect_exact(">>> ")
     chat.sendeof()
     chat.expect(pexpect.EOF)
+
+
+def test_run_with_mtp_heads_and_a_draft_vocabulary():
+    """`run --mtp N --mtp-vocab M` on the trained MTP file: the same greedy text as without MTP, the
+    acceptance line with -v; a negative draft vocabulary is refused before the model loads."""
+    model = str(Path(__file__).resolve().parent.parent / "models" / "step35-mtp-py-Q8_0.gguf")
+    args = ("run", "-m", model, "-p", "def parse(text):\n", "-n", "24", "--temp", "0")
+    plain = run_cli(*args, "--mtp", "0")
+    spec = run_cli(*args, "--mtp", "3", "--mtp-vocab", "300", "-v")
+    assert plain.returncode == 0 and spec.returncode == 0, (plain.stderr, spec.stderr)
+    assert spec.stdout == plain.stdout and "drafts accepted" in spec.stderr
+    r = run_cli(*args, "--mtp-vocab", "-1")
+    assert r.returncode == 2 and "--mtp-vocab: must be >= 0, not -1" in r.stderr

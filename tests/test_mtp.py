@@ -64,7 +64,12 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llms(files):
-    return {k: ggufrun.load(str(p), n_ctx=256, n_batch=64) for k, p in files.items()}
+    # drafts over the whole vocabulary: these random-weight files' outputs do not favour the first,
+    # frequent ids the default draft vocabulary keeps (test_draft_vocabulary_* test that one)
+    out = {k: ggufrun.load(str(p), n_ctx=256, n_batch=64) for k, p in files.items()}
+    for llm in out.values():
+        llm.mtp_vocab = 0
+    return out
 
 
 def greedy(llm, prompt, mtp, adaptive=False, n=N_GEN):
@@ -246,6 +251,59 @@ def test_echo_file_accepts_and_steps_advance_several_tokens(llms):
     assert st.mtp.steps < N_GEN - 1 - st.mtp.accepted_total // 2
 
 
+def test_draft_vocabulary_confines_drafts_and_keeps_greedy_output(llms):
+    """Drafts over the first N ids only (the heads' projection computes those rows): every draft is below
+    N, in the one-call chain and, with penalties on, one head at a time; the output stays the plain one."""
+    llm = llms["echo"]
+    d = llm._mtp_drafter()
+    seen = []
+    d.draft = lambda *a, orig=d.draft: (lambda r: (seen.extend(r[0]), r)[1])(orig(*a))
+    try:
+        for penalty in (1.0, 1.3):
+            outs = []
+            for mtp, vocab in ((0, 0), (3, 0), (3, 2000)):
+                llm.mtp_vocab = vocab
+                llm.reset()
+                outs.append(list(llm.stream_tokens(llm.tokenize(PROMPTS[1]), 16,
+                                                   Sampler(SamplerConfig(temperature=0.0, repeat_penalty=penalty)),
+                                                   mtp=mtp)))
+                if vocab:
+                    assert seen and max(seen) < vocab, seen
+                    assert d.draft_vocab == vocab
+                seen.clear()
+            assert outs[0] == outs[1] == outs[2], penalty
+    finally:
+        del d.draft
+        llm.mtp_vocab = 0
+
+
+def test_draft_vocabulary_default_widens_where_the_text_leaves_it(llms):
+    """The default draft vocabulary (a quarter of the ids, at least 1024) holds while committed text
+    stays inside it, and gives way to the whole vocabulary once over 5% falls outside (a random-weight
+    file's output: ids all over its vocabulary), back under 2.5%."""
+    from ggufrun.mtp import DraftController, default_draft_vocab
+    assert default_draft_vocab(4096) == 1024 and default_draft_vocab(49152) == 12288
+    assert default_draft_vocab(500) == 500
+    c = DraftController(3)
+    assert not c.note_tokens([5, 2000], 1024)          # too few tokens seen to judge
+    assert c.note_tokens([5, 6, 7, 8, 9, 3000], 1024)   # 2 of 8 outside
+    assert c.note_tokens([5] * 40, 1024)                # ~4% outside: stays wide (hysteresis)
+    assert not c.note_tokens([5] * 60, 1024)            # under 2.5%: back to the draft vocabulary
+    llm = llms["echo"]
+    try:
+        llm.mtp_vocab, llm._draft_ctl = None, None
+        greedy(llm, PROMPTS[1], 3, adaptive=True)
+        d = llm._drafter
+        assert llm._draft_ctl.vocab_wide and d.draft_vocab == llm.model.n_vocab
+        llm.mtp_adaptive = False   # a fixed setting: the default vocabulary, not widened
+        llm.generate(PROMPTS[1], max_tokens=8, temperature=0.0, mtp=3)
+        assert d.draft_vocab == default_draft_vocab(llm.model.n_vocab)
+        with pytest.raises(ValueError, match=f"draft vocabulary 0 is outside 1..{llm.model.n_vocab}"):
+            d.draft_vocab = 0
+    finally:
+        llm.mtp_vocab, llm._draft_ctl = 0, None
+
+
 def test_rollback_leaves_trunk_and_head_caches_as_a_fresh_run(llms):
     """After a speculative generation (rejections on ring layers included), the trunk's next logits and
     the heads' next drafts equal those of a fresh sequence prefilled with the same tokens."""
@@ -294,11 +352,12 @@ def test_a_head_in_one_call_equals_its_steps(llms, model):
                     if way == 0:
                         h = head.hidden(toks, h_prev, pos, cache)
                         out.append((h[-1:], head.logits(h[-1:])[0]))
-                    else:
-                        out.append(head.forward(toks, h_prev, pos, cache))
+                    else:   # odd batches: the logits of the first 100 ids only (a draft vocabulary)
+                        out.append(head.forward(toks, h_prev, pos, cache, 100 if n % 2 else None))
                 finally:
                     del store.record
-            assert out[1][0].shape == (1, m.n_embd)
+            assert out[1][0].shape == (1, m.n_embd) and len(out[1][1]) == (100 if n % 2 else m.n_vocab)
+            out[0] = (out[0][0], out[0][1][:len(out[1][1])])
             if n <= 4 or model == "gqa":
                 assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1]), (head.il, n)
             else:   # hidden() runs the last row's FFN in a batch of 5: quantized products of more than 4
@@ -323,6 +382,10 @@ def test_a_head_in_one_call_equals_its_steps(llms, model):
         with pytest.raises(ValueError, match=f"mtp head blk.{head.il}"):
             head.forward(np.array([m.n_vocab]), np.zeros((1, m.n_embd), np.float32), np.array([0], np.int32),
                          KVCache([head.cache_spec], 64, 8))
+        for bad in (0, m.n_vocab + 1):
+            with pytest.raises(ValueError, match=f"mtp head blk.{head.il}: n_logits {bad} is outside 1..{m.n_vocab}"):
+                head.forward(np.array([1]), np.zeros((1, m.n_embd), np.float32), np.array([0], np.int32),
+                             KVCache([head.cache_spec], 64, 8), bad)
 
 
 @pytest.mark.parametrize("model", ["gqa", "wide-swa", "echo-q8", "trained"])
@@ -346,14 +409,16 @@ def test_greedy_chain_in_one_call_equals_the_heads_one_by_one(llms, model):
     store = m.mtp_experts
     for step in range(8):
         k = 1 + step % 3
+        vocab = m.n_vocab if step < 4 else 700   # then drafts confined to the first 700 ids
         out = []
         for way, d in enumerate(ways):
+            d.draft_vocab = vocab
             store.record = lambda il, ids, way=way: recorded[way].append((il, np.array(ids)))
             try:
                 out.append(d.draft(tokens, id_last, k, None if way == 0 else lambda lg: (int(np.argmax(lg)), None)))
             finally:
                 del store.record
-        assert out[0] == out[1], (step, out)
+        assert out[0] == out[1] and max(out[0][0]) < vocab, (step, out)
         for c0, c1 in zip(*(d.caches for d in ways)):
             assert c0.n_past == c1.n_past
             for a, b in zip(c0.k + c0.v + c0.pos, c1.k + c1.v + c1.pos):
@@ -393,7 +458,7 @@ def test_an_idle_head_catches_up_apart_and_timed(llms):
     head = d.heads[2]
     # the rows of each call: catch-up runs store() (keys and values), the draft forward()
     head.store = lambda t, h, p, c, orig=head.store: (rows.append(len(t)), orig(t, h, p, c))[1]
-    head.forward = lambda t, h, p, c, orig=head.forward: (rows.append(len(t)), orig(t, h, p, c))[1]
+    head.forward = lambda t, h, p, c, *a, orig=head.forward: (rows.append(len(t)), orig(t, h, p, c, *a))[1]
     try:
         pick = lambda lg: (int(np.argmax(lg)), None)  # noqa: E731
         d.catchup_seconds = 0.0

@@ -201,14 +201,19 @@ class NextN:
     def logits(self, h: np.ndarray) -> np.ndarray:
         return self.head(rms_norm(h, self.head_norm, self.eps))
 
-    def forward(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> tuple:
+    def forward(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache,
+                n_logits: int | None = None) -> tuple:
         """hidden()'s last row and its logits() in one native call: (block output (1, n_embd), logits), the
         same bits. The rows before the last only store their keys and values: all a draft needs of them.
-        (A MoE head with an expert cache runs the steps: the cache places the chosen experts first.)"""
+        n_logits: only the logits of ids 0..n_logits-1 (a draft vocabulary; None: all). (A MoE head with
+        an expert cache runs the steps: the cache places the chosen experts first.)"""
+        n_logits = self.head.rows if n_logits is None else int(n_logits)
+        if not 1 <= n_logits <= self.head.rows:
+            raise ValueError(f"{self._what}: n_logits {n_logits} is outside 1..{self.head.rows}")
         if not self.chains_natively:
             h = self.hidden(tokens, h_prev, positions, cache)[-1:]
-            return h, self.logits(h)[0]
-        return self._call(tokens, h_prev, positions, cache, 1)
+            return h, self.logits(h)[0][:n_logits]
+        return self._call(tokens, h_prev, positions, cache, 1, n_logits)
 
     def store(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> None:
         """Only the keys and values of these rows into this head's cache (a catch-up over committed
@@ -216,16 +221,16 @@ class NextN:
         if not self.chains_natively:
             self.hidden(tokens, h_prev, positions, cache)
         else:
-            self._call(tokens, h_prev, positions, cache, 0)
+            self._call(tokens, h_prev, positions, cache, 0, 0)
 
-    def _call(self, tokens, h_prev, positions, cache, n_out: int):
+    def _call(self, tokens, h_prev, positions, cache, n_out: int, n_logits: int):
         ffn = self.block.ffn
         n = len(tokens)
         cache.check_room(n)
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         h_prev = np.ascontiguousarray(h_prev, dtype=np.float32)
         h = np.empty((n_out, self.n_embd), dtype=np.float32)
-        logits = np.empty(self.head.rows, dtype=np.float32) if n_out else None
+        logits = np.empty(n_logits, dtype=np.float32) if n_out else None
         choice = ()
         if self._n_used and n_out:   # a MoE FFN's choice comes back for the store's statistics
             choice = (np.empty((n_out, self._n_used), dtype=np.int32), np.empty((n_out, self._n_used), dtype=np.float32))
@@ -233,7 +238,7 @@ class NextN:
                                         *cache_args(cache, 0, positions),
                                         _from_buffer(_INT32S, choice[0], True) if choice else _ffi.NULL,
                                         _f32(choice[1]) if choice else _ffi.NULL, _f32(h) if n_out else _ffi.NULL,
-                                        _f32(logits) if n_out else _ffi.NULL), self._what)
+                                        n_logits, _f32(logits) if n_out else _ffi.NULL), self._what)
         if choice:
             ffn.store.record(ffn.il, choice[0])
         cache.n_past = int(positions[-1]) + 1
