@@ -6,8 +6,9 @@ Prompts are the openings of modules held out of the model's training (models/ste
 HOLDOUT; tests/data/mtp_heldout.txt keeps a copy). For each prompt and round, greedy decoding runs
 without MTP and with it (fixed k = 1, 2, 3, and the adaptive controller), alternating in the same
 process so machine load hits all variants alike; decode tokens/s is generated tokens over decode
-time (prompt processing excluded). Every MTP run's text is checked equal to the plain run's. Drafts range over the default draft
-vocabulary (mtp.default_draft_vocab: here the first 1024 of 4096 ids), but k3-allids' over every id.
+time (prompt processing excluded). Every MTP run's text is checked equal to the plain run's. Drafts
+range over the default draft vocabulary (mtp.default_draft_vocab: here the first 1024 of 4096 ids),
+but k3-allids' over every id.
 
 Also printed: acceptance per draft position (fixed k = 3: position i's rate is conditional on drafts
 < i accepted), and where a step's time goes: a 1-token trunk step, a (k+1)-token verify, one head call

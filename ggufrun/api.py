@@ -436,6 +436,7 @@ class LLM:
             ctl.update(k, n_acc, time.perf_counter() - t0 - d.catchup_seconds)
             if auto_vocab:
                 d.draft_vocab = n_vocab if ctl.note_tokens(out, limit) else limit
+            stats.mtp.draft_vocab = d.draft_vocab if d.draft_vocab < n_vocab else None
             stats.mtp.record(k, n_acc)
             for j, t in enumerate(out):
                 tok = t

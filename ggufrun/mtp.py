@@ -82,6 +82,7 @@ class MTPStats:
     drafted: list[int] = field(default_factory=list)  # per draft position: drafts checked (the earlier accepted)
     accepted: list[int] = field(default_factory=list)  # per draft position: drafts accepted
     k_hist: list[int] = field(default_factory=list)   # per k: steps run with that draft length
+    draft_vocab: int | None = None                    # drafts were ids < draft_vocab at the end (None: any)
 
     def __post_init__(self):
         n = self.k_max
@@ -112,8 +113,9 @@ class MTPStats:
         drafted = sum(self.drafted)
         rate = f"{self.accepted_total / drafted:.0%}" if drafted else "-"
         ks = " ".join(f"k{k}:{n}" for k, n in enumerate(self.k_hist) if n)
+        vocab = f"; drafts among ids < {self.draft_vocab}" if self.draft_vocab else ""
         return (f"mtp: {self.steps} steps ({ks}), {self.accepted_total}/{drafted} drafts accepted ({rate});"
-                f" per position {acc}")
+                f" per position {acc}{vocab}")
 
 
 # -- the draft-length controller ------------------------------------------------------------------

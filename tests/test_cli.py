@@ -162,5 +162,6 @@ def test_run_with_mtp_heads_and_a_draft_vocabulary():
     spec = run_cli(*args, "--mtp", "3", "--mtp-vocab", "300", "-v")
     assert plain.returncode == 0 and spec.returncode == 0, (plain.stderr, spec.stderr)
     assert spec.stdout == plain.stdout and "drafts accepted" in spec.stderr
+    assert "drafts among ids < 300" in spec.stderr
     r = run_cli(*args, "--mtp-vocab", "-1")
     assert r.returncode == 2 and "--mtp-vocab: must be >= 0, not -1" in r.stderr
