@@ -58,12 +58,14 @@ class Linear:
         self._w = _ffi.from_buffer("uint8_t[]", w.data)
         self._what = f"matmul {self.name}"   # error context, built once: decode calls this ~100x a token
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None, rows: int | None = None) -> np.ndarray:
+        """`rows`: only W's first rows (each row's result has the same bits as in the whole product)."""
         n = x.shape[0]
+        rows = self.rows if rows is None else rows
         if out is None:
-            out = np.empty((n, self.rows), dtype=np.float32)
+            out = np.empty((n, rows), dtype=np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        _check(_lib.gr_matmul(self.qtype, self._w, self.rows, self.cols, self.stride, _f32(x), n, _f32(out)),
+        _check(_lib.gr_matmul(self.qtype, self._w, rows, self.cols, self.stride, _f32(x), n, _f32(out)),
                self._what)
         return out
 

@@ -198,8 +198,9 @@ class NextN:
         cache.n_past = int(positions[-1]) + 1
         return y
 
-    def logits(self, h: np.ndarray) -> np.ndarray:
-        return self.head(rms_norm(h, self.head_norm, self.eps))
+    def logits(self, h: np.ndarray, n_logits: int | None = None) -> np.ndarray:
+        """The vocabulary projection of h's rows, of its first n_logits ids (None: all)."""
+        return self.head(rms_norm(h, self.head_norm, self.eps), rows=n_logits)
 
     def forward(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache,
                 n_logits: int | None = None) -> tuple:
@@ -212,7 +213,7 @@ class NextN:
             raise ValueError(f"{self._what}: n_logits {n_logits} is outside 1..{self.head.rows}")
         if not self.chains_natively:
             h = self.hidden(tokens, h_prev, positions, cache)[-1:]
-            return h, self.logits(h)[0][:n_logits]
+            return h, self.logits(h, n_logits)[0]
         return self._call(tokens, h_prev, positions, cache, 1, n_logits)
 
     def store(self, tokens: np.ndarray, h_prev: np.ndarray, positions: np.ndarray, cache) -> None:
