@@ -128,10 +128,10 @@ class DraftController:
     times (on a shared machine a step now and then takes several times its cost, when another process
     holds the core: an average followed those spikes and picked k at random under load, and even a
     median is thrown off by five slow steps in nine, after which the cheaper k is not re-measured for
-    a while). A k without
-    a measurement is tried once; afterwards the best k wins, and the other draft lengths are re-measured
-    on a back-off schedule (every 16 steps, doubling up to every 512 while the choice holds), so a
-    switched-off MTP costs under a percent and a switched-on one notices when acceptance drops.
+    a while). A k without a measurement is tried once; afterwards the best k wins, and the other draft
+    lengths are re-measured on a back-off schedule (every 16 steps, doubling up to every 512 while the
+    choice holds), so a switched-off MTP costs under a percent and a switched-on one notices when
+    acceptance drops.
 
     One controller serves every generation of an LLM (api.LLM keeps it, k_max = the file's heads):
     step costs are the model's and the machine's, not the prompt's, and 128 tokens are too few to learn
@@ -139,8 +139,9 @@ class DraftController:
     0.85x). Generations with a fixed k (adaptive False) measure too. A new generation sets its cap on k
     and restarts the back-off, so new text is re-explored soon (start())."""
 
-    PRIOR = (1.0, 2.0)   # a Beta(1, 1)-ish prior: alpha starts at 0.5
+    PRIOR = (1.0, 2.0)   # a Beta(1, 1)-ish prior: alpha starts at 0.5 (later positions: alpha())
     DECAY = 0.95         # an offer's weight after the next: ~20 offers of memory per position
+    RATIO_DECAY = 0.995  # alpha(): ~200 offers of memory for the ratio of one position to the one before
     COST_SAMPLES = 9
     VOCAB_DECAY = 0.99   # note_tokens: ~100 committed tokens of memory
     VOCAB_WIDEN = 0.05
@@ -151,6 +152,9 @@ class DraftController:
         self.adaptive = adaptive
         self.acc = [0.0] * k_max
         self.off = [0.0] * k_max
+        # per position i >= 1, long-run counts on steps drafting past i: accepted and offered at i, and
+        # at i - 1; alpha() takes the ratio of the two acceptances
+        self.ratio_counts = [[0.0, 0.0, 0.0, 0.0] for _ in range(k_max)]
         self.cost: list[float | None] = [None] * (k_max + 1)
         self.times: list[list[float]] = [[] for _ in range(k_max + 1)]   # the last step times per k
         self.last_seen = [0] * (k_max + 1)
@@ -163,15 +167,31 @@ class DraftController:
         self.vocab_wide = False
 
     def start(self, cap: int | None = None) -> None:
-        """A new generation drafting at most `cap` tokens (None: k_max): what was learned stays, the
-        other draft lengths are re-measured soon."""
+        """A new generation drafting at most `cap` tokens (None: k_max): what was learned stays; longer
+        draft lengths than the best are re-measured soon (new text may draft better). Shorter ones keep
+        their back-off: every step offers their draft positions, so acceptance tells on them without
+        exploring, and their step costs are the machine's, not the text's (exploring them anew each
+        generation cost ~1.5% of a 40-step generation that drafts the longest k anyway)."""
         self.cap = self.k_max if cap is None else max(0, min(cap, self.k_max))
-        self.interval = 16
-        self.next_explore = self.step + 16
+        if self.best < self.cap:
+            self.interval = 16
+            self.next_explore = self.step + 16
 
     def alpha(self) -> list[float]:
+        """Acceptance per draft position. Position i > 0 leans on position i - 1: its prior is the
+        estimate of i - 1 times their long-run ratio (from steps that offered both), and its own counts
+        fade while steps draft fewer than i + 1 tokens. So a position offered only when its k is
+        explored follows the text through the position before it, instead of holding the few offers of
+        the last exploration for the hundreds of steps until the next (one unlucky offer kept k = 3,
+        the best on the trained model, at k = 2 for whole generations)."""
         a0, n0 = self.PRIOR
-        return [(a + a0) / (o + n0) for a, o in zip(self.acc, self.off)]
+        out = [(self.acc[0] + a0) / (self.off[0] + n0)] if self.k_max else []
+        for i in range(1, self.k_max):
+            ra, ro, pa, po = self.ratio_counts[i]
+            ratio = ((ra + a0) / (ro + n0)) / ((pa + a0) / (po + n0))
+            prior = min(1.0, out[-1] * ratio)
+            out.append((self.acc[i] + prior * n0) / (self.off[i] + n0))
+        return out
 
     def choose(self) -> int:
         self.step += 1
@@ -209,6 +229,14 @@ class DraftController:
         for i in range(min(k, n_accepted + 1)):
             self.off[i] = self.off[i] * self.DECAY + 1
             self.acc[i] = self.acc[i] * self.DECAY + (i < n_accepted)
+        for i in range(max(k, 1), self.k_max):   # positions this k could not offer: their counts fade
+            self.off[i] *= self.DECAY
+            self.acc[i] *= self.DECAY
+        for i in range(1, min(k, n_accepted + 2)):   # i against i - 1, on steps that could offer both
+            c, d = self.ratio_counts[i], self.RATIO_DECAY
+            if n_accepted >= i:
+                c[0], c[1] = c[0] * d + (n_accepted > i), c[1] * d + 1
+            c[2], c[3] = c[2] * d + (n_accepted >= i), c[3] * d + 1
         t = self.times[k]
         t.append(seconds)
         del t[:-self.COST_SAMPLES]

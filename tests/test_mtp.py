@@ -168,6 +168,31 @@ def test_controller_ignores_steps_slowed_by_other_processes():
     assert used[3] > 0.85 * 600, used
 
 
+def test_controller_lets_a_rarely_offered_position_follow_the_one_before_it():
+    """Position 3 is offered only when k = 3 runs. After unlucky k = 3 steps (position 3 rejected)
+    the controller runs k = 2, which never offers position 3 again: its estimate must come
+    back with the text's acceptance at position 2 (times their long-run ratio), not stay at those few
+    offers until the next exploration, hundreds of steps later."""
+    c = DraftController(3)
+    for _ in range(300):
+        c.update(3, 3, 1.0)   # every draft accepted: the long-run ratio of position 3 to 2 is ~1
+    for _ in range(10):
+        c.update(3, 2, 1.0)   # then position 3 rejected ten times running
+    assert c.alpha()[2] < 0.65
+    for _ in range(80):
+        c.update(2, 2, 1.0)   # k = 2, both drafts accepted
+    a = c.alpha()
+    assert a[1] > 0.95 and a[2] > 0.85, a
+    # the other way: where position 2 is really poor (the ratio learned low), it stays poor unoffered
+    c = DraftController(3)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        c.update(3, 1 + int(rng.random() < 0.1), 1.0)   # position 1 always accepted, position 2 10%
+    for _ in range(80):
+        c.update(1, 1, 1.0)
+    assert c.alpha()[1] < 0.3, c.alpha()
+
+
 def test_controller_follows_acceptance_that_changes_and_restarts_exploring_per_generation():
     """Acceptance is a decayed estimate: after 300 steps of useless drafts (off), text that drafts well
     turns drafting back on within a couple of exploration intervals, and the other way round."""
