@@ -61,7 +61,10 @@ class Linear:
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None, rows: int | None = None) -> np.ndarray:
         """`rows`: only W's first rows (each row's result has the same bits as in the whole product)."""
         n = x.shape[0]
-        rows = self.rows if rows is None else rows
+        if rows is None:
+            rows = self.rows
+        elif not 1 <= rows <= self.rows:   # the native product would read past W
+            raise ValueError(f"{self._what}: rows {rows} is outside 1..{self.rows}")
         if out is None:
             out = np.empty((n, rows), dtype=np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)

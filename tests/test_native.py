@@ -1033,6 +1033,9 @@ def test_fused_calls_reject_bad_arguments():
                                f.from_buffer("float[]", y)) == lib.GR_E_ARG
     with pytest.raises(ValueError, match="ffn"):  # act 7 is no activation
         ops.ffn(a, a, ops.Linear(_qtensor(T.Q4_0, 64, 32, rng)), x.reshape(1, 64), 7)
+    for bad in (0, 33):   # Linear's first rows: within W's
+        with pytest.raises(ValueError, match=f"matmul .*: rows {bad} is outside 1..32"):
+            a(x.reshape(1, 64), rows=bad)
 
 
 
