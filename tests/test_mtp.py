@@ -280,6 +280,7 @@ def test_draft_vocabulary_confines_drafts_and_keeps_greedy_output(llms):
     """Drafts over the first N ids only (the heads' projection computes those rows): every draft is below
     N, in the one-call chain and, with penalties on, one head at a time; the output stays the plain one."""
     llm = llms["echo"]
+    llm.mtp_adaptive = False   # draft every step: these random heads would switch an adaptive k off
     d = llm._mtp_drafter()
     seen = []
     d.draft = lambda *a, orig=d.draft: (lambda r: (seen.extend(r[0]), r)[1])(orig(*a))
