@@ -137,7 +137,7 @@ class DraftController:
     step costs are the model's and the machine's, not the prompt's, and 128 tokens are too few to learn
     them and the acceptance from scratch each time (the cold start alone made a badly drafted prompt
     0.85x). Generations with a fixed k (adaptive False) measure too. A new generation sets its cap on k
-    and restarts the back-off, so new text is re-explored soon (start())."""
+    and, where the best k is below it, restarts the back-off, so new text is re-explored soon (start())."""
 
     PRIOR = (1.0, 2.0)   # a Beta(1, 1)-ish prior: alpha starts at 0.5 (later positions: alpha())
     DECAY = 0.95         # an offer's weight after the next: ~20 offers of memory per position
@@ -179,11 +179,12 @@ class DraftController:
 
     def alpha(self) -> list[float]:
         """Acceptance per draft position. Position i > 0 leans on position i - 1: its prior is the
-        estimate of i - 1 times their long-run ratio (from steps that offered both), and its own counts
-        fade while steps draft fewer than i + 1 tokens. So a position offered only when its k is
-        explored follows the text through the position before it, instead of holding the few offers of
-        the last exploration for the hundreds of steps until the next (one unlucky offer kept k = 3,
-        the best on the trained model, at k = 2 for whole generations)."""
+        estimate of i - 1 times their long-run ratio (from steps that drafted past i), and its own counts
+        fade while steps draft fewer than i + 1 tokens (position 0's do not: a switched-off MTP must not
+        drift back to its prior and switch itself on; exploration re-measures it). So a position offered
+        only when its k is explored follows the text through the position before it, instead of holding
+        the few offers of the last exploration for the hundreds of steps until the next (one unlucky
+        offer kept k = 3, the best on the trained model, at k = 2 for whole generations)."""
         a0, n0 = self.PRIOR
         out = [(self.acc[0] + a0) / (self.off[0] + n0)] if self.k_max else []
         for i in range(1, self.k_max):
