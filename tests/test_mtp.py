@@ -414,6 +414,10 @@ def test_a_head_in_one_call_equals_its_steps(llms, model):
             with pytest.raises(ValueError, match=f"mtp head blk.{head.il}: n_logits {bad} is outside 1..{m.n_vocab}"):
                 head.forward(np.array([1]), np.zeros((1, m.n_embd), np.float32), np.array([0], np.int32),
                              KVCache([head.cache_spec], 64, 8), bad)
+            # the native call refuses the count on its own (it would write past the logits)
+            with pytest.raises(ValueError, match=f"mtp head blk.{head.il}: argument out of range"):
+                head._call(np.array([1]), np.zeros((1, m.n_embd), np.float32), np.array([0], np.int32),
+                           KVCache([head.cache_spec], 64, 8), 1, bad)
 
 
 @pytest.mark.parametrize("model", ["gqa", "wide-swa", "echo-q8", "trained"])
@@ -468,6 +472,13 @@ def test_greedy_chain_in_one_call_equals_the_heads_one_by_one(llms, model):
         d.draft(tokens, m.n_vocab, 3)
     for c, (n, pos) in zip(d.caches, before):
         assert c.n_past <= n and np.array_equal(c.pos[0][:c.n_past], pos[:c.n_past])
+    # so does a draft vocabulary outside 1..n_vocab that reaches the native chain (the setter refuses it)
+    for bad in (0, m.n_vocab + 1):
+        d._draft_vocab = bad
+        with pytest.raises(ValueError, match=f"mtp draft chain at position {len(tokens)} .id_last 1.: argument out"):
+            d.draft(tokens, 1, 3)
+        for c, (n, pos) in zip(d.caches, before):
+            assert c.n_past <= n and np.array_equal(c.pos[0][:c.n_past], pos[:c.n_past])
         assert (c.pos[0][c.n_past:] == EMPTY_POS).all() or c.ring[0]
     with pytest.raises(ValueError, match="cannot draft at"):
         d.draft(tokens + [1, 2], 3, 2)
