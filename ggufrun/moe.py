@@ -50,6 +50,7 @@ class ExpertStore:
         self.counts: dict[int, np.ndarray] = {}
         self.tokens: dict[int, int] = {}
         self.cache = None  # an expert_cache.ExpertCache, which places experts before each call
+        self.row_pieces: dict = {}  # il -> MoE.pieces: how many pieces of rows a call of n rows runs as
 
     def add_layer(self, il: int, prefix: str, n_expert: int, n_ff: int, n_embd: int) -> None:
         f = self.file
@@ -223,6 +224,16 @@ class MoE:
             "shared_qtypes": [lin.qtype for lin in sh] or [0, 0, 0], "shared_w": [lin._w for lin in sh] or
             [_ffi.NULL] * 3, "shared_clamp": shared._clamp if shared is not None else 0.0})
         self._what = f"moe {prefix}"
+        store.row_pieces[il] = self.pieces
+
+    def pieces(self, n_tok: int) -> int:
+        """The pieces of rows a call of n_tok rows runs as: 1 (every distinct expert of the batch read
+        once), or, for 2-4 rows through a layer small enough to stay in cache, one piece of whole rows per
+        pool thread, each reading its own rows' experts (the token split, native/dispatch.c). Staged calls
+        (an expert cache) are never split."""
+        if self.store.cache is not None:
+            return 1
+        return int(_lib.gr_moe_block_pieces(self._layer, int(n_tok)))
 
     def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
         """moe(x') + shared(x'), x' = x or rms_norm(x) * norm."""

@@ -426,7 +426,9 @@ class MTPDrafter:
 # -- measuring expert reads -----------------------------------------------------------------------
 class ExpertReads:
     """Counts the routed-expert bytes the MoE layers read while active: each native MoE call reads every
-    distinct selected expert of its layer once (gr_moe_ffn groups tokens by expert)."""
+    distinct selected expert of its layer once (gr_moe_ffn groups tokens by expert), or, where the token
+    split runs the call as pieces of rows (a few rows through a small layer, MoE.pieces), every distinct
+    expert of each piece once."""
 
     def __init__(self, store):
         self.store = store
@@ -436,9 +438,13 @@ class ExpertReads:
 
     def __enter__(self):
         orig = self.store.record
+        self._wrapped = "record" in vars(self.store)   # someone else's wrapper, put back on exit
+        self._orig = orig
 
         def record(il, ids):
-            n = len(np.unique(ids))
+            split = self.store.row_pieces.get(il)
+            g = split(len(ids)) if split else 1
+            n = sum(len(np.unique(ids[len(ids) * i // g:len(ids) * (i + 1) // g])) for i in range(g))
             self.experts += n
             self.bytes += n * self.store.expert_bytes(il)
             self.calls += 1
@@ -447,6 +453,9 @@ class ExpertReads:
         return self
 
     def __exit__(self, *exc):
-        del self.store.record   # back to the class's method
+        if self._wrapped:
+            self.store.record = self._orig
+        else:
+            del self.store.record   # back to the class's method
         return False
 

@@ -394,5 +394,22 @@ def threads(n: int) -> Iterator[int]:
         set_threads(previous)
 
 
+@contextlib.contextmanager
+def token_split(on: bool) -> Iterator[bool]:
+    """Temporarily allow (True, the default) or forbid the token split: a batch of 2-4 rows through a
+    small layer runs as whole rows per pool thread (block.c); the bits are the same either way."""
+    previous = bool(_load().gr_set_token_split(int(bool(on))))
+    try:
+        yield bool(on)
+    finally:
+        _load().gr_set_token_split(int(previous))
+
+
+def spin_us(us: int | None = None) -> int:
+    """How long (microseconds) an idle pool thread spins before it sleeps; sets it when us is given
+    (GGUFRUN_SPIN_US sets the start value). Returns the value before the call."""
+    return int(_load().gr_pool_spin_us(-1 if us is None else max(0, int(us))))
+
+
 if os.environ.get("GGUFRUN_NATIVE_EAGER"):
     _load()

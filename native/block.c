@@ -7,7 +7,71 @@
  * conversions), about 8% of a SmolLM2 decode token. */
 #include <stdlib.h>
 #include <string.h>
-#include "ggufrun.h"
+#include "blocks.h"
+#include "threadpool.h"
+
+/* ---- attention ----
+ * The rows go through in pieces (one, or one per thread): piece [t0, t1) keeps its projections at
+ * buf + t0 * total, each projection's rows after the previous projection's (gr_matmul_multi's layout);
+ * the attention outputs of all rows follow at buf + n_tok * total. */
+typedef struct {
+    const gr_attn_block *b;
+    const float *x;
+    int64_t n_tok, r0, n_kv, qd, kd, vd, od, total;
+    const int32_t *pos, *slots;
+    uint16_t *k_cache, *v_cache;
+    int32_t *pos_cache;
+    float *buf, *y;
+} attn_rows;
+
+static double attn_bytes(const void *layer, int64_t rows) {
+    const gr_attn_block *b = layer;
+    (void)rows;
+    double n = (double)b->n_embd * (double)b->o_row_stride;
+    for (int i = 0; i < b->n_proj; i++) n += gr_packed_bytes(b->qtypes[i], b->rows[i], b->n_embd);
+    return n;
+}
+
+/* Rows [t0, t1): projections with the input norm folded in, biases, q/k norms and rope, and their keys,
+ * values and positions into the cache. */
+static int attn_store_rows(void *p, int64_t t0, int64_t t1) {
+    const attn_rows *a = p;
+    const gr_attn_block *b = a->b;
+    const int64_t n = t1 - t0;
+    float *q = a->buf + t0 * a->total, *k = q + n * a->qd, *v = k + n * a->kd;
+    int rc = gr_matmul_multi(b->n_proj, b->qtypes, b->w, b->rows, b->n_embd, a->x + t0 * b->n_embd, n, b->in_norm,
+                             b->eps, NULL, q);
+    if (rc != GR_OK) return rc;
+    float *outs[3] = {q, k, v};
+    const int64_t dims[3] = {a->qd, a->kd, a->vd};
+    for (int i = 0; i < 3; i++)
+        if (b->bias[i])
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t j = 0; j < dims[i]; j++) outs[i][t * dims[i] + j] += b->bias[i][j];
+    return gr_qk_norm_rope(q, k, a->pos + t0, n, b->n_head, b->n_head_kv, b->head_dim_k, b->q_norm, b->k_norm,
+                           b->qk_eps, b->n_rot, b->rope_mode, b->rope_base, b->freq_scale, b->freq_factors, v,
+                           b->head_dim_v, a->slots + t0, a->k_cache, a->v_cache, a->pos_cache);
+}
+
+/* The output rows (those from r0 on) of piece [t0, t1), once every row's keys are stored: attention
+ * over the cache, the output projection, the post-norm and the residual. */
+static int attn_output_rows(void *p, int64_t t0, int64_t t1) {
+    const attn_rows *a = p;
+    const gr_attn_block *b = a->b;
+    const int64_t s = t0 > a->r0 ? t0 : a->r0, m = t1 - s;
+    if (m <= 0) return GR_OK;
+    const float *piece = a->buf + t0 * a->total;
+    const float *q = piece + (s - t0) * a->qd;
+    const float *gate = b->n_proj == 4 ? piece + (t1 - t0) * (a->qd + a->kd + a->vd) + (s - t0) * b->n_head : NULL;
+    float *att = a->buf + a->n_tok * a->total + (s - a->r0) * a->od, *y = a->y + (s - a->r0) * b->n_embd;
+    int rc = gr_attention(q, a->k_cache, a->v_cache, a->pos + s, a->pos_cache, att, m, b->n_head, b->n_head_kv,
+                          a->n_kv, b->head_dim_k, b->head_dim_v, b->scale, b->window, 0.0f, gate);
+    if (rc == GR_OK) rc = gr_matmul(b->o_qtype, b->o_w, b->n_embd, a->od, b->o_row_stride, att, m, y);
+    if (rc != GR_OK) return rc;
+    if (b->post_norm) gr_rms_norm(y, b->post_norm, y, m, b->n_embd, b->eps);
+    for (int64_t i = 0; i < m * b->n_embd; i++) y[i] += a->x[s * b->n_embd + i];
+    return GR_OK;
+}
 
 int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, int64_t n_out, const int32_t *pos,
                        const int32_t *slots, uint16_t *k_cache, uint16_t *v_cache, int32_t *pos_cache,
@@ -21,67 +85,89 @@ int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, in
         (b->n_proj == 4 && b->rows[3] != b->n_head))
         return GR_E_SHAPE;
     const int64_t total = qd + kd + vd + (b->n_proj == 4 ? b->n_head : 0);
-    float *buf = malloc(sizeof(float) * (size_t)(n_tok * (total + od)));
+    attn_rows a = {b, x, n_tok, n_tok - n_out, n_kv, qd, kd, vd, od, total, pos, slots, k_cache, v_cache, pos_cache,
+                   NULL, y};
+    if (!(a.buf = malloc(sizeof(float) * (size_t)(n_tok * (total + od))))) return GR_E_NOMEM;
+    const int pieces = gr_split_pieces(n_tok, attn_bytes, b);
+    int rc = gr_split_rows(attn_store_rows, &a, n_tok, pieces);
+    if (rc == GR_OK && n_out) {
+        /* the last n_out rows go on (a query's attention does not depend on the others of its batch, nor
+         * a row's products on the other rows); the rows before only stored their keys and values */
+        int with_out = 0;   /* pieces with output rows: those ending past r0 */
+        for (int g = 0; g < pieces; g++) with_out += gr_piece_start(n_tok, pieces, g + 1) > a.r0;
+        if (with_out > 1) rc = gr_split_rows(attn_output_rows, &a, n_tok, pieces);
+        else rc = attn_output_rows(&a, gr_piece_start(n_tok, pieces, pieces - 1), n_tok);
+    }
+    free(a.buf);
+    return rc;
+}
+
+/* ---- MoE ---- */
+typedef struct {
+    const gr_moe_layer *b;
+    const float *x, *norm_w;
+    float eps;
+    int32_t *ids;
+    float *weights, *y;
+} moe_rows;
+
+static double moe_bytes(const void *layer, int64_t rows) {
+    const gr_moe_layer *b = layer;
+    int64_t n_sel = rows * b->n_used < b->n_expert ? rows * b->n_used : b->n_expert;
+    double expert = gr_packed_bytes(b->gate_qtype, b->n_ff, b->n_embd) + gr_packed_bytes(b->up_qtype, b->n_ff, b->n_embd) +
+                    gr_packed_bytes(b->down_qtype, b->n_embd, b->n_ff);
+    double n = gr_packed_bytes(b->router_qtype, b->n_expert, b->n_embd) + (double)n_sel * expert;
+    if (b->shared_n_ff > 0)
+        n += gr_packed_bytes(b->shared_qtypes[0], b->shared_n_ff, b->n_embd) +
+             gr_packed_bytes(b->shared_qtypes[1], b->shared_n_ff, b->n_embd) +
+             gr_packed_bytes(b->shared_qtypes[2], b->n_embd, b->shared_n_ff);
+    return n;
+}
+
+/* Rows [t0, t1): the router product with the norm folded in (which also hands back the normed input),
+ * the top-k choice, the routed experts and the shared expert. */
+static int moe_block_rows(void *p, int64_t t0, int64_t t1) {
+    const moe_rows *m = p;
+    const gr_moe_layer *b = m->b;
+    const int64_t n_embd = b->n_embd, n = t1 - t0;
+    const float *x = m->x + t0 * n_embd;
+    int32_t *ids = m->ids + t0 * b->n_used;
+    float *weights = m->weights + t0 * b->n_used, *y = m->y + t0 * n_embd;
+    float *buf = malloc(sizeof(float) * (size_t)(n * (2 * n_embd + b->n_expert)));
     if (!buf) return GR_E_NOMEM;
-    /* gr_matmul_multi's layout: each projection's n_tok rows after the previous projection's */
-    float *q = buf, *k = q + n_tok * qd, *v = k + n_tok * kd, *att = buf + n_tok * total;
-    float *gate = b->n_proj == 4 ? v + n_tok * vd : NULL;
-    int rc = gr_matmul_multi(b->n_proj, b->qtypes, b->w, b->rows, b->n_embd, x, n_tok, b->in_norm, b->eps, NULL, buf);
-    if (rc != GR_OK) goto done;
-    float *outs[3] = {q, k, v};
-    const int64_t dims[3] = {qd, kd, vd};
-    for (int i = 0; i < 3; i++)
-        if (b->bias[i])
-            for (int64_t t = 0; t < n_tok; t++)
-                for (int64_t j = 0; j < dims[i]; j++) outs[i][t * dims[i] + j] += b->bias[i][j];
-    rc = gr_qk_norm_rope(q, k, pos, n_tok, b->n_head, b->n_head_kv, b->head_dim_k, b->q_norm, b->k_norm, b->qk_eps,
-                         b->n_rot, b->rope_mode, b->rope_base, b->freq_scale, b->freq_factors, v, b->head_dim_v, slots,
-                         k_cache, v_cache, pos_cache);
-    if (rc != GR_OK || n_out == 0) goto done;
-    /* the last n_out rows go on (a query's attention does not depend on the others of its batch, nor a
-     * row's products on the other rows); the rows before only stored their keys and values */
-    const int64_t r0 = n_tok - n_out;
-    rc = gr_attention(q + r0 * qd, k_cache, v_cache, pos + r0, pos_cache, att, n_out, b->n_head, b->n_head_kv, n_kv,
-                      b->head_dim_k, b->head_dim_v, b->scale, b->window, 0.0f, gate ? gate + r0 * b->n_head : NULL);
-    if (rc != GR_OK) goto done;
-    rc = gr_matmul(b->o_qtype, b->o_w, b->n_embd, od, b->o_row_stride, att, n_out, y);
-    if (rc != GR_OK) goto done;
-    if (b->post_norm) gr_rms_norm(y, b->post_norm, y, n_out, b->n_embd, b->eps);
-    for (int64_t i = 0; i < n_out * b->n_embd; i++) y[i] += x[r0 * b->n_embd + i];
-done:
+    float *xn = buf, *shared = xn + n * n_embd, *logits = shared + n * n_embd;
+    const int64_t rows = b->n_expert;
+    int rc = gr_matmul_multi(1, &b->router_qtype, &b->router_w, &rows, n_embd, x, n, m->norm_w, m->eps,
+                             m->norm_w ? xn : NULL, logits);
+    const float *xin = m->norm_w ? xn : x;
+    if (rc == GR_OK)
+        rc = gr_moe_route(logits, n, b->n_expert, b->n_used, b->gating, b->bias, b->norm_weights, b->weights_scale,
+                          ids, weights);
+    if (rc == GR_OK)
+        rc = gr_moe_ffn(b->gate_qtype, b->gate_w, b->up_qtype, b->up_w, b->down_qtype, b->down_w, b->n_expert,
+                        n_embd, b->n_ff, xin, n, b->n_used, ids, weights, b->limit, y);
+    if (rc == GR_OK && b->shared_n_ff > 0) {
+        rc = gr_ffn(b->shared_qtypes[0], b->shared_w[0], b->shared_qtypes[1], b->shared_w[1], b->shared_qtypes[2],
+                    b->shared_w[2], n_embd, b->shared_n_ff, xin, n, NULL, 0.0f, GR_ACT_SILU, b->shared_clamp, shared);
+        if (rc == GR_OK)
+            for (int64_t i = 0; i < n * n_embd; i++) y[i] += shared[i];
+    }
     free(buf);
     return rc;
 }
 
-/* A MoE layer's FFN as one call: the router product with the block's norm folded in (which also hands
- * back the normed input), the top-k choice, the routed experts and the shared expert, each the public
- * function a model file would call, in that order, so the result is their bits. */
+/* A MoE layer's FFN as one call: each piece of rows (all of them, or one per thread, see token split)
+ * through the public functions a model file would call, in that order, so the result is their bits. */
 int gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const float *norm_w, float eps,
                  int32_t *ids, float *weights, float *y) {
     if (!b || !x || !ids || !weights || !y || n_tok <= 0) return GR_E_ARG;
-    const int64_t n_embd = b->n_embd;
-    float *buf = malloc(sizeof(float) * (size_t)(n_tok * (2 * n_embd + b->n_expert)));
-    if (!buf) return GR_E_NOMEM;
-    float *xn = buf, *shared = xn + n_tok * n_embd, *logits = shared + n_tok * n_embd;
-    const int64_t rows = b->n_expert;
-    int rc = gr_matmul_multi(1, &b->router_qtype, &b->router_w, &rows, n_embd, x, n_tok, norm_w, eps,
-                             norm_w ? xn : NULL, logits);
-    const float *xin = norm_w ? xn : x;
-    if (rc == GR_OK)
-        rc = gr_moe_route(logits, n_tok, b->n_expert, b->n_used, b->gating, b->bias, b->norm_weights,
-                          b->weights_scale, ids, weights);
-    if (rc == GR_OK)
-        rc = gr_moe_ffn(b->gate_qtype, b->gate_w, b->up_qtype, b->up_w, b->down_qtype, b->down_w, b->n_expert,
-                        n_embd, b->n_ff, xin, n_tok, b->n_used, ids, weights, b->limit, y);
-    if (rc == GR_OK && b->shared_n_ff > 0) {
-        rc = gr_ffn(b->shared_qtypes[0], b->shared_w[0], b->shared_qtypes[1], b->shared_w[1], b->shared_qtypes[2],
-                    b->shared_w[2], n_embd, b->shared_n_ff, xin, n_tok, NULL, 0.0f, GR_ACT_SILU, b->shared_clamp,
-                    shared);
-        if (rc == GR_OK)
-            for (int64_t i = 0; i < n_tok * n_embd; i++) y[i] += shared[i];
-    }
-    free(buf);
-    return rc;
+    moe_rows m = {b, x, norm_w, eps, ids, weights, y};
+    return gr_split_rows(moe_block_rows, &m, n_tok, gr_split_pieces(n_tok, moe_bytes, b));
+}
+
+int gr_moe_block_pieces(const gr_moe_layer *b, int64_t n_tok) {
+    if (!b || n_tok <= 0) return GR_E_ARG;
+    return gr_split_pieces(n_tok, moe_bytes, b);
 }
 
 /* An MTP head's rows in one call (the draft's hot path: three heads a step, each otherwise a dozen

@@ -275,6 +275,23 @@ static inline void gr_moe_add_weighted(float *y, const float *d, const int64_t *
         for (int64_t c = 0; c < n_embd; c++) yt[c] += wt * dr[c];
     }
 }
+/* The API mutexes (dispatch.c's, ops.c's) held or released around a token-split run (block.c), whose
+ * threads then call entry points without them (threadpool.h: gr_pool_run_split). Order: api, then ops. */
+void gr_api_hold(int hold);
+void gr_ops_hold(int hold);
+
+/* Token split (block.c). gr_split_pieces: the pieces to split n_tok rows into for a layer whose weights
+ * for a piece of `rows` rows are piece_bytes(layer, rows) bytes: the pool's threads (at most one row
+ * each), or 1 (no split: too many rows, weights too large, one thread, split off, or already inside a
+ * piece). gr_split_rows: fn over rows [0, n) in `pieces` pieces side by side on the pool (claimed, so a
+ * late thread's piece runs on another), or in one call here when pieces is 1; the first error. */
+typedef int (*gr_rows_fn)(void *ctx, int64_t t0, int64_t t1);
+/* piece g of n rows in `pieces`: rows [gr_piece_start(g), gr_piece_start(g + 1)) */
+static inline int64_t gr_piece_start(int64_t n, int pieces, int g) { return n * g / pieces; }
+int gr_split_pieces(int64_t n_tok, double (*piece_bytes)(const void *layer, int64_t rows), const void *layer);
+int gr_split_rows(gr_rows_fn fn, void *ctx, int64_t n, int pieces);
+double gr_packed_bytes(int qtype, int64_t rows, int64_t cols);   /* rows x cols of a packed type */
+
 int gr_moe_few_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok, int64_t n_embd, int64_t n_ff);
 int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,
                int down_qtype, const void *const *down_w, int64_t n_embd, int64_t n_ff, const float *x,

@@ -2,8 +2,10 @@
  * threaded matmul driver. Kernels live in kernels_*.c; this file never touches SIMD itself.
  *
  * Every entry point takes one global mutex, so the library is safe to call from several Python
- * threads (calls run one after another; cffi releases the GIL while they run). */
+ * threads (calls run one after another; cffi releases the GIL while they run). A token-split call
+ * (below) holds it for all its pieces, whose threads then call entry points without it. */
 #define _GNU_SOURCE
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -23,6 +25,20 @@ static gr_kernels tables[4];
 static int isa_mask;
 static int isa_current;
 static int act_precision = 1;  /* gr_set_act_precision (llama.cpp's numerics by default); guarded by api_mutex */
+
+/* A token-split task's threads (gr_pool_run_split) run entry points side by side under the one lock
+ * their caller holds for the whole task (gr_api_hold): each thread has its own scratch, and nothing
+ * else they touch is written while the lock is held. */
+static void api_lock(void) {
+    if (!gr_pool_in_split()) pthread_mutex_lock(&api_mutex);
+}
+static void api_unlock(void) {
+    if (!gr_pool_in_split()) pthread_mutex_unlock(&api_mutex);
+}
+void gr_api_hold(int hold) {
+    if (hold) pthread_mutex_lock(&api_mutex);
+    else pthread_mutex_unlock(&api_mutex);
+}
 
 static void detect_isas(void) {
     gr_kernels_init_scalar(&tables[GR_ISA_SCALAR]);
@@ -63,38 +79,38 @@ int gr_isa_get(void) { ensure_init(); return isa_current; }
 int gr_isa_set(int isa) {
     ensure_init();
     if (isa < 0 || isa > 3 || !(isa_mask & (1 << isa))) return GR_E_ISA;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     isa_current = isa;
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return GR_OK;
 }
 
 int gr_set_act_precision(int p) {
     if (p != 1 && p != 2) return GR_E_ARG;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     act_precision = p;
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return GR_OK;
 }
 
 int gr_get_act_precision(void) {
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     int p = act_precision;
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return p;
 }
 
 int gr_threads_set(int n) {
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     int r = gr_pool_set(n);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return r;
 }
 
 int gr_threads_get(void) {
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     int r = gr_pool_threads();
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return r;
 }
 
@@ -162,9 +178,9 @@ int gr_dequantize(int qtype, const void *src, float *dst, int64_t n) {
     if (qtype < 0 || qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].dequantize[qtype]) return GR_E_QTYPE;
     int bs = gr_block_size(qtype);
     if (n <= 0 || n % bs) return GR_E_SHAPE;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     tables[isa_current].dequantize[qtype](src, dst, n / bs);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return GR_OK;
 }
 
@@ -178,10 +194,10 @@ int gr_get_rows(int qtype, const void *table, int64_t n_rows, int64_t n_cols, co
     for (int64_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= n_rows) return GR_E_ARG;
     const int64_t rb = row_bytes(qtype, n_cols);
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     for (int64_t i = 0; i < n; i++)
         tables[isa_current].dequantize[qtype]((const uint8_t *)table + ids[i] * rb, dst + i * n_cols, n_cols / bs);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return GR_OK;
 }
 
@@ -191,9 +207,9 @@ int gr_quantize_activations(int act_qtype, const float *x, void *dst, int64_t n)
     ensure_init();
     if (act_qtype < 0 || act_qtype >= GR_T_SLOTS || !tables[GR_ISA_SCALAR].quantize_act[act_qtype]) return GR_E_QTYPE;
     if (n <= 0 || n % gr_block_size(act_qtype)) return GR_E_SHAPE;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     tables[isa_current].quantize_act[act_qtype](x, dst, n);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return GR_OK;
 }
 
@@ -205,26 +221,63 @@ int gr_quantize_activation_terms(int act_qtype, const float *x, void *dst, int64
     if (act_qtype < 0 || act_qtype >= GR_T_SLOTS || act_qtype == GR_T_F32 || !tables[GR_ISA_SCALAR].quantize_act[act_qtype])
         return GR_E_QTYPE;
     if (n <= 0 || n % gr_block_size(act_qtype)) return GR_E_SHAPE;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     uint8_t *q1 = dst;
     quantize_terms(&tables[isa_current], act_qtype, x, q1, q1 + row_bytes(act_qtype, n), n, NULL, NULL, 0);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return GR_OK;
 }
 
-/* Scratch for quantized activations, grown on demand and kept between calls (guarded by api_mutex). */
-static uint8_t *scratch;
-static size_t scratch_size;
+/* Scratch, grown on demand and kept between calls: quantized activations (scratch_reserve) and the
+ * fused calls' intermediate floats (fscratch_reserve: normed input, gate/up/down outputs), apart so
+ * matmul_locked may grow the first while the second is live. Per thread: a token-split task's threads
+ * run their own calls side by side (gr_pool_run_split); freed when the thread ends. */
+typedef struct { void *p; size_t size; } scratch_buf;
+typedef struct { scratch_buf act, f; } thread_scratch;
+static _Thread_local thread_scratch *my_scratch;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_key_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p) {
+    thread_scratch *t = p;
+    free(t->act.p);
+    free(t->f.p);
+    free(t);
+}
+
+static void scratch_key_create(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+static thread_scratch *thread_scratch_get(void) {
+    if (!my_scratch) {
+        pthread_once(&scratch_key_once, scratch_key_create);
+        thread_scratch *t = calloc(1, sizeof *t);
+        if (!t) return NULL;
+        pthread_setspecific(scratch_key, t);
+        my_scratch = t;
+    }
+    return my_scratch;
+}
+
+/* b grown to at least n bytes, its contents dropped; NULL when out of memory. */
+static void *scratch_grow(scratch_buf *b, size_t n) {
+    if (n <= b->size) return b->p;
+    size_t want = (n + 4095) & ~(size_t)4095;
+    void *p = aligned_alloc(64, want);
+    if (!p) return NULL;
+    free(b->p);
+    b->p = p;
+    b->size = want;
+    return p;
+}
 
 static uint8_t *scratch_reserve(size_t n) {
-    if (n <= scratch_size) return scratch;
-    size_t want = (n + 4095) & ~(size_t)4095;
-    uint8_t *p = aligned_alloc(64, want);
-    if (!p) return NULL;
-    free(scratch);
-    scratch = p;
-    scratch_size = want;
-    return scratch;
+    thread_scratch *t = thread_scratch_get();
+    return t ? scratch_grow(&t->act, n) : NULL;
+}
+
+static float *fscratch_reserve(size_t n_floats) {
+    thread_scratch *t = thread_scratch_get();
+    return t ? scratch_grow(&t->f, n_floats * sizeof(float)) : NULL;
 }
 
 #define QUANT_CHUNK 4096  /* elements per quantization work unit; a multiple of every block size */
@@ -547,9 +600,9 @@ int gr_matmul(int qtype, const void *w, int64_t rows, int64_t cols, int64_t row_
     ensure_init();
     int rc = matmul_check(qtype, rows, cols, row_stride, n_tok);
     if (rc != GR_OK) return rc;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     rc = matmul_locked(qtype, w, rows, cols, row_stride, x, n_tok, y);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return rc;
 }
 
@@ -727,23 +780,6 @@ static int is_decode(int qtype, int64_t n_tok) {
     return !use_tiles(&tables[isa_current].gemm[qtype], n_tok);
 }
 
-/* Intermediate floats of the fused calls (normed input, gate/up/down outputs), apart from the
- * activation scratch so matmul_locked may grow that one while these are live. Guarded by api_mutex. */
-static float *fscratch;
-static size_t fscratch_size;
-
-static float *fscratch_reserve(size_t n_floats) {
-    size_t n = n_floats * sizeof(float);
-    if (n <= fscratch_size) return fscratch;
-    size_t want = (n + 4095) & ~(size_t)4095;
-    float *p = aligned_alloc(64, want);
-    if (!p) return NULL;
-    free(fscratch);
-    fscratch = p;
-    fscratch_size = want;
-    return fscratch;
-}
-
 #define MULTI_MAX 8
 
 /* y_i = W_i x for the decode path: the formats the matrices pair with are quantized once each. */
@@ -801,10 +837,10 @@ int gr_matmul_multi(int n_mat, const int *qtypes, const void *const *w, const in
         int rc = packed_check(qtypes[i], rows[i], cols, n_tok);
         if (rc != GR_OK) return rc;
     }
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     int rc = GR_OK;
     const float *xin = normed_input(x, n_tok, cols, norm_w, eps);
-    if (!xin) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
+    if (!xin) { api_unlock(); return GR_E_NOMEM; }
     if (x_normed && norm_w) memcpy(x_normed, xin, sizeof(float) * (size_t)(n_tok * cols));
     float *ys[MULTI_MAX];
     int all_decode = 1;
@@ -818,8 +854,95 @@ int gr_matmul_multi(int n_mat, const int *qtypes, const void *const *w, const in
     else
         for (int i = 0; i < n_mat && rc == GR_OK; i++)
             rc = matmul_locked(qtypes[i], w[i], rows[i], cols, row_bytes(qtypes[i], cols), xin, n_tok, ys[i]);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return rc;
+}
+
+/* ---- token split ----
+ * A verify batch (the sampled token and up to three drafts) through a small layer is mostly fixed
+ * costs: each of the layer's ~8 products, its quantizations and its attention is a pass of the pool
+ * whose wake-up, work claims and cross-core traffic take longer than the pass's share of arithmetic
+ * (on the trained MTP model, a 4-token step on two threads took 1.70 ms against 1.96 on one). Such a
+ * layer instead gives each thread whole tokens: every thread runs the layer's calls for its own rows,
+ * alone, and the threads meet once per phase (once for a MoE layer; twice for attention, whose queries
+ * need every row's keys stored first). Every row takes the kernels it takes in any batch of up to
+ * GEMV_MAX_TOKENS (decode kernels, rows alone), so the bits do not depend on the split.
+ * Only where the weights a thread reads are small: there they come from cache, and reading them on both
+ * cores costs less than the passes saved; a large layer (the 198B model's experts, megabytes each) is
+ * read once, its rows shared between the threads, its experts once per batch. */
+#define SPLIT_MAX_TOKENS GEMV_MAX_TOKENS
+#define SPLIT_MAX_BYTES (512 * 1024)    /* weights one thread reads for its rows: about a core's L2 */
+
+static atomic_int split_on = 1;
+
+int gr_set_token_split(int on) { return atomic_exchange(&split_on, on != 0); }
+
+int gr_split_pieces(int64_t n_tok, double (*piece_bytes)(const void *, int64_t), const void *layer) {
+    if (n_tok < 2 || n_tok > SPLIT_MAX_TOKENS || !atomic_load(&split_on) || gr_pool_in_split()) return 1;
+    int64_t n = gr_pool_threads();
+    if (n < 2) return 1;
+    if (n > n_tok) n = n_tok;
+    return piece_bytes(layer, (n_tok + n - 1) / n) <= SPLIT_MAX_BYTES ? (int)n : 1;
+}
+
+typedef struct {
+    gr_rows_fn fn;
+    void *ctx;
+    int64_t n;
+    int pieces;
+    atomic_int next, rc;
+} split_run;
+
+static void run_pieces(void *p, int ith, int nth) {
+    split_run *s = p;
+    (void)ith; (void)nth;
+    for (int g; (g = atomic_fetch_add(&s->next, 1)) < s->pieces;) {
+        int rc = s->fn(s->ctx, gr_piece_start(s->n, s->pieces, g), gr_piece_start(s->n, s->pieces, g + 1));
+        int ok = GR_OK;
+        if (rc != GR_OK) atomic_compare_exchange_strong(&s->rc, &ok, rc);
+    }
+}
+
+int gr_split_rows(gr_rows_fn fn, void *ctx, int64_t n, int pieces) {
+    if (pieces <= 1) return fn(ctx, 0, n);
+    split_run s = {.fn = fn, .ctx = ctx, .n = n, .pieces = pieces};
+    atomic_init(&s.next, 0);
+    atomic_init(&s.rc, GR_OK);
+    gr_api_hold(1);
+    gr_ops_hold(1);
+    gr_pool_run_split(run_pieces, &s);
+    gr_ops_hold(0);
+    gr_api_hold(0);
+    return atomic_load(&s.rc);
+}
+
+double gr_packed_bytes(int qtype, int64_t rows, int64_t cols) {
+    const int bs = gr_block_size(qtype);   /* 0: not a type; the call itself reports it */
+    return bs > 0 ? (double)rows * (double)(cols / bs) * (double)gr_type_size(qtype) : HUGE_VAL;
+}
+
+/* gr_ffn's arguments, for its token split: a piece of rows is the same call on those rows */
+typedef struct {
+    int qtypes[3];
+    const void *w[3];
+    int64_t n_embd, n_ff;
+    const float *x, *norm_w;
+    float eps, clamp;
+    int act;
+    float *y;
+} ffn_call;
+
+static double ffn_bytes(const void *p, int64_t rows) {
+    const ffn_call *f = p;
+    (void)rows;
+    return gr_packed_bytes(f->qtypes[0], f->n_ff, f->n_embd) + gr_packed_bytes(f->qtypes[1], f->n_ff, f->n_embd) +
+           gr_packed_bytes(f->qtypes[2], f->n_embd, f->n_ff);
+}
+
+static int ffn_rows(void *p, int64_t t0, int64_t t1) {
+    const ffn_call *f = p;
+    return gr_ffn(f->qtypes[0], f->w[0], f->qtypes[1], f->w[1], f->qtypes[2], f->w[2], f->n_embd, f->n_ff,
+                  f->x + t0 * f->n_embd, t1 - t0, f->norm_w, f->eps, f->act, f->clamp, f->y + t0 * f->n_embd);
 }
 
 int gr_ffn(int gate_qtype, const void *gate_w, int up_qtype, const void *up_w, int down_qtype, const void *down_w,
@@ -831,10 +954,16 @@ int gr_ffn(int gate_qtype, const void *gate_w, int up_qtype, const void *up_w, i
     if ((rc = packed_check(up_qtype, n_ff, n_embd, n_tok)) != GR_OK) return rc;
     if ((rc = packed_check(down_qtype, n_embd, n_ff, n_tok)) != GR_OK) return rc;
     if (act != GR_ACT_SILU && act != GR_ACT_GELU) return GR_E_ARG;
-    pthread_mutex_lock(&api_mutex);
+    {   /* a few rows through a small FFN: pieces of rows side by side (block.c, token split) */
+        ffn_call f = {{gate_qtype, up_qtype, down_qtype}, {gate_w, up_w, down_w}, n_embd, n_ff, x, norm_w, eps,
+                      clamp, act, y};
+        const int pieces = gr_split_pieces(n_tok, ffn_bytes, &f);
+        if (pieces > 1) return gr_split_rows(ffn_rows, &f, n_tok, pieces);
+    }
+    api_lock();
     const size_t nx = norm_w ? (size_t)(n_tok * n_embd) : 0, nf = (size_t)(n_tok * n_ff);
     float *f = fscratch_reserve(nx + 2 * nf);
-    if (!f) { pthread_mutex_unlock(&api_mutex); return GR_E_NOMEM; }
+    if (!f) { api_unlock(); return GR_E_NOMEM; }
     const float *xin = x;
     if (norm_w) { gr_rms_norm(x, norm_w, f, n_tok, n_embd, eps); xin = f; }
     float *g = f + nx, *u = g + nf;
@@ -852,7 +981,7 @@ int gr_ffn(int gate_qtype, const void *gate_w, int up_qtype, const void *up_w, i
         gr_glu(g, u, g, (int64_t)nf, act, clamp);
         rc = matmul_locked(down_qtype, down_w, n_embd, n_ff, row_bytes(down_qtype, n_ff), g, n_tok, y);
     }
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return rc;
 }
 
@@ -878,7 +1007,7 @@ int gr_moe_decode(int gate_qtype, const void *const *gate_w, int up_qtype, const
         sel[j] = e;
         n_sel++;
     }
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     const gr_kernels *k = &tables[isa_current];
     const int nth = gr_pool_threads();
     int rc = GR_OK;
@@ -932,7 +1061,7 @@ int gr_moe_decode(int gate_qtype, const void *const *gate_w, int up_qtype, const
             for (int64_t c = 0; c < n_embd; c++) y[c] += wt * dr[c];
         }
 done:
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     free(sel); free(sets); free(jobs);
     return rc;
 }
@@ -940,12 +1069,12 @@ done:
 /* Whether gr_moe_ffn may take gr_moe_decode for this many tokens. */
 int gr_moe_decode_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok) {
     ensure_init();
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     const int q[3] = {gate_qtype, up_qtype, down_qtype};
     int ok = n_tok == 1;
     for (int i = 0; i < 3 && ok; i++)
         ok = q[i] >= 0 && q[i] < GR_T_SLOTS && tables[GR_ISA_SCALAR].vec_dot[q[i]] && is_decode(q[i], 1);
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     return ok;
 }
 
@@ -1057,7 +1186,7 @@ int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
     const int64_t n_pairs = start[n_sel];
     few_job *jobs = malloc(sizeof(few_job) * (size_t)(2 * n_sel));
     if (!jobs) return GR_E_NOMEM;
-    pthread_mutex_lock(&api_mutex);
+    api_lock();
     const gr_kernels *k = &tables[isa_current];
     const int nth = gr_pool_threads();
     int rc = GR_OK;
@@ -1113,7 +1242,7 @@ int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const vo
     memset(y, 0, sizeof(float) * (size_t)(n_tok * n_embd));
     gr_moe_add_weighted(y, d, order, n_pairs, weights, n_used, n_embd);
 done:
-    pthread_mutex_unlock(&api_mutex);
+    api_unlock();
     free(jobs);
     return rc;
 }

@@ -39,10 +39,10 @@
  * core from whoever else needs it (another process, or a llama.cpp in this one). The caller never waits
  * for a sleeping worker (dynamic tasks), so a late wake-up costs one call's parallelism, not latency.
  * Measured by the clock, not pause counts: a pause is ~10 ns on some cores and ~140 ns on others.
- * GGUFRUN_SPIN_US overrides the default (0: sleep at once). */
+ * GGUFRUN_SPIN_US overrides the default (0: sleep at once); gr_pool_spin_us sets it at run time. */
 #define SPIN_US_DEFAULT 100
 #define SPIN_CHECK_EVERY 64    /* pauses between clock reads (a read costs 20-110 ns) */
-static int64_t spin_ns = -1;   /* set once by pool_set_locked */
+static _Atomic int64_t spin_ns = -1;   /* set by pool_set_locked (GGUFRUN_SPIN_US) or gr_pool_spin_us */
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -78,6 +78,10 @@ static _Atomic(void *) task_ctx;
 static atomic_int task_dynamic;
 static pthread_t *workers;
 static int n_threads;            /* 0: pool not created yet */
+/* Set while this thread runs its share of a token-split task (gr_pool_run_split): the calls it makes
+ * then run on it alone, without the pool (whose run this is) or the API mutexes (which the task's caller
+ * holds for all of it). */
+static _Thread_local int in_split;
 
 static void signal_done(void) {
     pthread_mutex_lock(&pool_mutex);
@@ -213,6 +217,7 @@ int gr_pool_set(int n) {
 }
 
 int gr_pool_threads(void) {
+    if (in_split) return 1;
     pthread_mutex_lock(&run_mutex);
     if (n_threads == 0) pool_set_locked(0);
     int r = n_threads;
@@ -229,6 +234,10 @@ static void wait_for_zero(atomic_int *counter) {
 }
 
 static void pool_run(gr_task_fn fn, void *ctx, int max_threads, int dynamic) {
+    if (in_split) {
+        fn(ctx, 0, 1);
+        return;
+    }
     pthread_mutex_lock(&run_mutex);
     if (n_threads == 0) pool_set_locked(0);
     int nth = n_threads;
@@ -260,4 +269,30 @@ static void pool_run(gr_task_fn fn, void *ctx, int max_threads, int dynamic) {
 }
 
 void gr_pool_run(gr_task_fn fn, void *ctx, int max_threads) { pool_run(fn, ctx, max_threads, 0); }
+
+int gr_pool_in_split(void) { return in_split; }
+
+int gr_pool_spin_us(int us) {
+    pthread_mutex_lock(&run_mutex);
+    if (n_threads == 0) pool_set_locked(0);
+    int old = (int)(atomic_load(&spin_ns) / 1000);
+    if (us >= 0) atomic_store(&spin_ns, (int64_t)us * 1000);
+    pthread_mutex_unlock(&run_mutex);
+    return old;
+}
+
+typedef struct { gr_task_fn fn; void *ctx; } split_task;
+
+static void run_split(void *p, int ith, int nth) {
+    const split_task *s = p;
+    const int outer = in_split;
+    in_split = 1;
+    s->fn(s->ctx, ith, nth);
+    in_split = outer;
+}
+
+void gr_pool_run_split(gr_task_fn fn, void *ctx) {
+    split_task s = {fn, ctx};
+    pool_run(run_split, &s, 256, 1);
+}
 void gr_pool_run_dynamic(gr_task_fn fn, void *ctx, int max_threads) { pool_run(fn, ctx, max_threads, 1); }

@@ -104,6 +104,120 @@ def test_head1_acceptance_well_above_chance(llm):
     assert rate >= HEAD1_FLOOR, rate
 
 
+def moe_layers(model):
+    from ggufrun.moe import MoE
+    return [b.ffn for b in model.blocks if isinstance(b.ffn, MoE)]
+
+
+def test_token_split_keeps_the_bits_and_applies_only_to_small_layers(llm):
+    """The token split (native/dispatch.c): a verify batch of 2-4 rows through this model's small layers
+    runs as one piece of whole rows per pool thread. Every row's hidden state has the bits of the unsplit
+    call and of the rows decoded one at a time, at both act precisions; the split applies only to 2-4
+    rows, more than one thread, layers whose weights for a piece fit about a core's L2 -- not to a
+    Step-3.7-Flash-sized MoE layer -- and not when turned off."""
+    m = llm.model
+    moe = moe_layers(m)
+    assert moe
+    with native.threads(2):
+        assert all(f.pieces(n) == 2 for f in moe for n in (2, 3, 4))
+        assert all(f.pieces(n) == 1 for f in moe for n in (1, 5, 8))
+        with native.token_split(False):
+            assert all(f.pieces(4) == 1 for f in moe)
+        with native.threads(1):
+            assert all(f.pieces(4) == 1 for f in moe)
+        big = native._ffi.new("gr_moe_layer *", {   # models/sparse_big.py's layer: 4096 wide, experts of 1280
+            "n_embd": 4096, "n_expert": 288, "n_used": 8, "n_ff": 1280, "router_qtype": 0, "gate_qtype": 12,
+            "up_qtype": 12, "down_qtype": 14, "shared_n_ff": 1280, "shared_qtypes": [12, 12, 14]})
+        assert native._load().gr_moe_block_pieces(big, 4) == 1
+        assert native._load().gr_moe_block_pieces(native._ffi.NULL, 4) == native.GR_E_ARG
+        ids = llm.tokenize(prompts(2)[1])
+        batch = [ids[5], ids[9], 11, ids[2]]
+        for precision in (1, 2):
+            with native.act_precision(precision):
+                cache = m.new_cache(512, 512)
+                m.forward_hidden(np.array(ids), cache)
+                P = cache.n_past
+                for n in (2, 3, 4):
+                    split = m.forward_hidden(np.array(batch[:n]), cache)
+                    cache.truncate(P)
+                    with native.token_split(False):
+                        whole = m.forward_hidden(np.array(batch[:n]), cache)
+                    cache.truncate(P)
+                    singles = np.concatenate([m.forward_hidden(np.array([t]), cache) for t in batch[:n]])
+                    cache.truncate(P)
+                    np.testing.assert_array_equal(split, whole, err_msg=f"precision {precision}, {n} rows")
+                    np.testing.assert_array_equal(split, singles, err_msg=f"precision {precision}, {n} rows")
+
+
+def test_expert_reads_count_each_piece_of_a_split_verify(llm):
+    """ExpertReads counts a split call's reads per piece (each piece reads its own rows' experts) and an
+    unsplit call's once per distinct expert, from the same choice."""
+    from ggufrun.mtp import ExpertReads
+    m = llm.model
+    store = m.experts
+    ids = llm.tokenize(prompts(1)[0])
+    cache = m.new_cache(512, 512)
+    m.forward_hidden(np.array(ids), cache)
+    P = cache.n_past
+    chosen = {}
+    orig = store.record
+
+    def capture(il, choice):
+        chosen[il] = choice.copy()
+        return orig(il, choice)
+    with native.threads(2):
+        reads = {}
+        for split in (True, False):
+            store.record = capture
+            try:
+                with native.token_split(split), ExpertReads(store) as r:
+                    m.forward_hidden(np.array(ids[:4]), cache)
+            finally:
+                del store.record
+            cache.truncate(P)
+            reads[split] = r.bytes
+    assert set(chosen) == {f.il for f in moe_layers(m)}
+    distinct = sum(len(np.unique(c)) * store.expert_bytes(il) for il, c in chosen.items())
+    per_piece = sum((len(np.unique(c[:2])) + len(np.unique(c[2:]))) * store.expert_bytes(il)
+                    for il, c in chosen.items())
+    assert reads[False] == distinct and reads[True] == per_piece and distinct <= per_piece
+
+
+def test_split_verifies_from_several_python_threads(llm):
+    """cffi releases the GIL: two Python threads each running split verify batches on their own caches
+    (the caller holds the library's locks for a split call, each pool thread has its own scratch) get the
+    bits of the same calls run one after another."""
+    import threading
+    m = llm.model
+    ids = llm.tokenize(prompts(2)[1])
+    with native.threads(2):
+        caches, want = [], []
+        for i in range(2):
+            c = m.new_cache(512, 512)
+            m.forward_hidden(np.array(ids[:40 + 7 * i]), c)
+            caches.append(c)
+        batches = [[ids[3], ids[8], 13, 21], [ids[1], 7, ids[4]]]
+        for c, b in zip(caches, batches):
+            P = c.n_past
+            want.append(m.forward_hidden(np.array(b), c))
+            c.truncate(P)
+        failures = []
+
+        def worker(i):
+            c, P = caches[i], caches[i].n_past
+            for r in range(25):
+                got = m.forward_hidden(np.array(batches[i]), c)
+                c.truncate(P)
+                if not np.array_equal(got, want[i]):
+                    failures.append((i, r))
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures
+
+
 def margin(logits: np.ndarray) -> float:
     top2 = np.partition(logits.astype(np.float64), -2)[-2:]
     return float(top2[1] - top2[0])

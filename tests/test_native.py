@@ -339,6 +339,24 @@ def test_thread_count_does_not_change_results(qtype):
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
+def test_pool_spin_setting_reads_and_sets():
+    """native.spin_us: how long an idle pool thread spins before sleeping (100 us unless GGUFRUN_SPIN_US
+    says otherwise), read without changing it, set at run time, the previous value returned."""
+    import os
+    old = native.spin_us()
+    if "GGUFRUN_SPIN_US" not in os.environ:
+        assert old == 100
+    try:
+        assert native.spin_us(250) == old
+        assert native.spin_us() == 250
+        assert native.spin_us(-5) == 250 and native.spin_us() == 0   # negative: do not spin
+        m = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+        x = np.ones((1, 256), np.float32)
+        assert np.allclose(native.matmul(m.tobytes(), T.F32, 64, 256, x)[0], m.sum(1), rtol=1e-4, atol=1e-4)
+    finally:
+        native.spin_us(old)
+
+
 def test_concurrent_calls_from_python_threads_are_serialised_and_correct():
     """cffi releases the GIL, so several Python threads can be inside the library at once; each call
     must still see the whole pool and its own activations (decode, prefill and F16 paths)."""
