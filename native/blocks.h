@@ -275,9 +275,8 @@ static inline void gr_moe_add_weighted(float *y, const float *d, const int64_t *
         for (int64_t c = 0; c < n_embd; c++) yt[c] += wt * dr[c];
     }
 }
-/* The API mutexes (dispatch.c's, ops.c's) held or released around a token-split run (block.c), whose
- * threads then call entry points without them (threadpool.h: gr_pool_run_split). Order: api, then ops. */
-void gr_api_hold(int hold);
+/* ops.c's mutex held or released around a token-split run (dispatch.c, gr_split_rows, which takes its
+ * own API mutex first), whose threads then call entry points without them (threadpool.h). */
 void gr_ops_hold(int hold);
 
 /* Token split (block.c). gr_split_pieces: the pieces to split n_tok rows into for a layer whose weights

@@ -27,18 +27,10 @@ static int isa_current;
 static int act_precision = 1;  /* gr_set_act_precision (llama.cpp's numerics by default); guarded by api_mutex */
 
 /* A token-split task's threads (gr_pool_run_split) run entry points side by side under the one lock
- * their caller holds for the whole task (gr_api_hold): each thread has its own scratch, and nothing
+ * their caller holds for the whole task (gr_split_rows): each thread has its own scratch, and nothing
  * else they touch is written while the lock is held. */
-static void api_lock(void) {
-    if (!gr_pool_in_split()) pthread_mutex_lock(&api_mutex);
-}
-static void api_unlock(void) {
-    if (!gr_pool_in_split()) pthread_mutex_unlock(&api_mutex);
-}
-void gr_api_hold(int hold) {
-    if (hold) pthread_mutex_lock(&api_mutex);
-    else pthread_mutex_unlock(&api_mutex);
-}
+static void api_lock(void) { gr_lock_unless_split(&api_mutex); }
+static void api_unlock(void) { gr_unlock_unless_split(&api_mutex); }
 
 static void detect_isas(void) {
     gr_kernels_init_scalar(&tables[GR_ISA_SCALAR]);
@@ -908,11 +900,11 @@ int gr_split_rows(gr_rows_fn fn, void *ctx, int64_t n, int pieces) {
     split_run s = {.fn = fn, .ctx = ctx, .n = n, .pieces = pieces};
     atomic_init(&s.next, 0);
     atomic_init(&s.rc, GR_OK);
-    gr_api_hold(1);
+    pthread_mutex_lock(&api_mutex);   /* then ops.c's: that order everywhere */
     gr_ops_hold(1);
     gr_pool_run_split(run_pieces, &s);
     gr_ops_hold(0);
-    gr_api_hold(0);
+    pthread_mutex_unlock(&api_mutex);
     return atomic_load(&s.rc);
 }
 

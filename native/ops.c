@@ -24,13 +24,8 @@
 
 static pthread_mutex_t ops_mutex = PTHREAD_MUTEX_INITIALIZER;
 
-/* As dispatch.c's api_lock: a token-split task's threads run under the lock their caller holds. */
-static void ops_lock(void) {
-    if (!gr_pool_in_split()) pthread_mutex_lock(&ops_mutex);
-}
-static void ops_unlock(void) {
-    if (!gr_pool_in_split()) pthread_mutex_unlock(&ops_mutex);
-}
+/* Held by a token-split run's caller (dispatch.c, gr_split_rows) for all its pieces, whose threads
+ * then skip it (gr_lock_unless_split). */
 void gr_ops_hold(int hold) {
     if (hold) pthread_mutex_lock(&ops_mutex);
     else pthread_mutex_unlock(&ops_mutex);
@@ -619,7 +614,7 @@ int gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int
     pthread_once(&ops_once, ops_init);
     if (n_q <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || n_kv <= 0 || dk <= 0 || dv <= 0)
         return GR_E_SHAPE;
-    ops_lock();
+    gr_lock_unless_split(&ops_mutex);
     /* below a few hundred thousand multiply-adds a pool wake-up costs more than it saves */
     const double work = (double)n_q * (double)n_head * (double)n_kv * (double)(dk + dv);
     const int nth = work >= 2e5 ? gr_pool_threads() : 1;
@@ -639,6 +634,6 @@ int gr_attention(const float *q, const uint16_t *k, const uint16_t *v, const int
         gr_pool_run_dynamic(run_attention, &a, nth);
         free(a.scratch);
     }
-    ops_unlock();
+    gr_unlock_unless_split(&ops_mutex);
     return rc;
 }

@@ -277,6 +277,14 @@ void gr_pool_run(gr_task_fn fn, void *ctx, int max_threads) { pool_run(fn, ctx, 
 
 int gr_pool_in_split(void) { return in_split; }
 
+void gr_lock_unless_split(pthread_mutex_t *m) {
+    if (!in_split) pthread_mutex_lock(m);
+}
+
+void gr_unlock_unless_split(pthread_mutex_t *m) {
+    if (!in_split) pthread_mutex_unlock(m);
+}
+
 int gr_pool_spin_us(int us) {
     pthread_mutex_lock(&run_mutex);
     if (n_threads == 0) pool_set_locked(0);
