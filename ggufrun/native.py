@@ -397,7 +397,7 @@ def threads(n: int) -> Iterator[int]:
 @contextlib.contextmanager
 def token_split(on: bool) -> Iterator[bool]:
     """Temporarily allow (True, the default) or forbid the token split: a batch of 2-4 rows through a
-    small layer runs as whole rows per pool thread (block.c); the bits are the same either way."""
+    small layer runs as whole rows per pool thread (native/dispatch.c); the bits are the same either way."""
     previous = bool(_load().gr_set_token_split(int(bool(on))))
     try:
         yield bool(on)

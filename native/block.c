@@ -114,7 +114,8 @@ typedef struct {
 static double moe_bytes(const void *layer, int64_t rows) {
     const gr_moe_layer *b = layer;
     int64_t n_sel = rows * b->n_used < b->n_expert ? rows * b->n_used : b->n_expert;
-    double expert = gr_packed_bytes(b->gate_qtype, b->n_ff, b->n_embd) + gr_packed_bytes(b->up_qtype, b->n_ff, b->n_embd) +
+    double expert = gr_packed_bytes(b->gate_qtype, b->n_ff, b->n_embd) +
+                    gr_packed_bytes(b->up_qtype, b->n_ff, b->n_embd) +
                     gr_packed_bytes(b->down_qtype, b->n_embd, b->n_ff);
     double n = gr_packed_bytes(b->router_qtype, b->n_expert, b->n_embd) + (double)n_sel * expert;
     if (b->shared_n_ff > 0)

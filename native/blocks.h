@@ -279,11 +279,12 @@ static inline void gr_moe_add_weighted(float *y, const float *d, const int64_t *
  * own API mutex first), whose threads then call entry points without them (threadpool.h). */
 void gr_ops_hold(int hold);
 
-/* Token split (block.c). gr_split_pieces: the pieces to split n_tok rows into for a layer whose weights
- * for a piece of `rows` rows are piece_bytes(layer, rows) bytes: the pool's threads (at most one row
- * each), or 1 (no split: too many rows, weights too large, one thread, split off, or already inside a
- * piece). gr_split_rows: fn over rows [0, n) in `pieces` pieces side by side on the pool (claimed, so a
- * late thread's piece runs on another), or in one call here when pieces is 1; the first error. */
+/* Token split (dispatch.c; its users: block.c, gr_ffn). gr_split_pieces: the pieces to split n_tok rows
+ * into for a layer whose weights for a piece of `rows` rows are piece_bytes(layer, rows) bytes: the
+ * pool's threads (at most one row each), or 1 (no split: too many rows, weights too large, one thread,
+ * split off, or already inside a piece). gr_split_rows: fn over rows [0, n) in `pieces` pieces side by
+ * side on the pool (claimed, so a late thread's piece runs on another), or in one call here when pieces
+ * is 1; the first error. */
 typedef int (*gr_rows_fn)(void *ctx, int64_t t0, int64_t t1);
 /* piece g of n rows in `pieces`: rows [gr_piece_start(g), gr_piece_start(g + 1)) */
 static inline int64_t gr_piece_start(int64_t n, int pieces, int g) { return n * g / pieces; }

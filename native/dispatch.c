@@ -946,7 +946,7 @@ int gr_ffn(int gate_qtype, const void *gate_w, int up_qtype, const void *up_w, i
     if ((rc = packed_check(up_qtype, n_ff, n_embd, n_tok)) != GR_OK) return rc;
     if ((rc = packed_check(down_qtype, n_embd, n_ff, n_tok)) != GR_OK) return rc;
     if (act != GR_ACT_SILU && act != GR_ACT_GELU) return GR_E_ARG;
-    {   /* a few rows through a small FFN: pieces of rows side by side (block.c, token split) */
+    {   /* a few rows through a small FFN: pieces of rows side by side (the token split, above) */
         ffn_call f = {{gate_qtype, up_qtype, down_qtype}, {gate_w, up_w, down_w}, n_embd, n_ff, x, norm_w, eps,
                       clamp, act, y};
         const int pieces = gr_split_pieces(n_tok, ffn_bytes, &f);

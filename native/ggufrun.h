@@ -196,14 +196,16 @@ typedef struct {
  * the same bits as those calls one by one. y must not overlap x. */
 int  gr_moe_block(const gr_moe_layer *b, const float *x, int64_t n_tok, const float *norm_w, float eps,
                   int32_t *ids, float *weights, float *y);
-/* Token split (block.c): a batch of 2..4 rows through a layer whose weights are small runs as pieces of
- * whole rows, one per pool thread, each piece's calls on its thread alone -- the same bits, fewer pool
- * passes. gr_moe_block_pieces: the pieces gr_moe_block splits n_tok rows into (1: none; each piece reads
- * its own rows' experts). gr_set_token_split(0) turns the split off (tests, A/B runs); returns the old
- * setting. */
+/* Token split (dispatch.c; used by block.c and gr_ffn): a batch of 2..4 rows through a layer whose
+ * weights are small runs as pieces of whole rows, one per pool thread, each piece's calls on its thread
+ * alone -- the same bits, fewer pool passes. gr_moe_block_pieces: the pieces gr_moe_block splits n_tok
+ * rows into (1: none; each piece reads its own rows' experts). gr_set_token_split(0) turns the split off
+ * (tests, A/B runs); returns the old setting. */
 int  gr_moe_block_pieces(const gr_moe_layer *b, int64_t n_tok);
-int  gr_pool_spin_us(int us);
 int  gr_set_token_split(int on);
+/* How long (us) an idle pool thread spins before it sleeps (GGUFRUN_SPIN_US at start, 1000 by default);
+ * us >= 0 sets it, us < 0 only reads it. Returns the value before the call. */
+int  gr_pool_spin_us(int us);
 
 /* An MTP (nextn) head of step35, as llama.cpp's DECODER_MTP graph runs it: the embedding table (n_vocab
  * packed rows of n_embd) and the enorm/hnorm weights, eh_proj (n_embd rows of 2 n_embd), the head's

@@ -15,9 +15,9 @@ void gr_pool_run(gr_task_fn fn, void *ctx, int max_threads);  /* max_threads == 
  * out of work skip the task, and the caller waits only for workers already inside it. */
 void gr_pool_run_dynamic(gr_task_fn fn, void *ctx, int max_threads);
 /* A dynamic task whose threads each take whole pieces of a batch (a few tokens' rows through a small
- * layer: token-split, block.c): while a thread runs its share, every library call it makes runs on it
- * alone (gr_pool_threads() is 1, pool runs are inline) and skips the API mutexes, which the caller must
- * hold around the whole run (gr_split_rows, dispatch.c); scratch buffers are per thread. */
+ * layer: the token split, dispatch.c): while a thread runs its share, every library call it makes runs
+ * on it alone (gr_pool_threads() is 1, pool runs are inline) and skips the API mutexes, which the caller
+ * must hold around the whole run (gr_split_rows); scratch buffers are per thread. */
 void gr_pool_run_split(gr_task_fn fn, void *ctx);
 int  gr_pool_in_split(void);
 /* An API mutex taken (released) by an entry point, unless this thread runs a split piece, whose caller
@@ -25,6 +25,6 @@ int  gr_pool_in_split(void);
 void gr_lock_unless_split(pthread_mutex_t *m);
 void gr_unlock_unless_split(pthread_mutex_t *m);
 int  gr_physical_cores(void);
-int  gr_pool_spin_us(int us);   /* a waiting thread's spin before it sleeps; us < 0 only reads it */
+int  gr_pool_spin_us(int us);   /* a waiting thread's spin before it sleeps (ggufrun.h) */
 
 #endif
