@@ -47,7 +47,7 @@
  * GGUFRUN_SPIN_US overrides the default (0: sleep at once); gr_pool_spin_us sets it at run time. */
 #define SPIN_US_DEFAULT 1000
 #define SPIN_CHECK_EVERY 64    /* pauses between clock reads (a read costs 20-110 ns) */
-static _Atomic int64_t spin_ns = -1;   /* set by pool_set_locked (GGUFRUN_SPIN_US) or gr_pool_spin_us */
+static _Atomic int64_t spin_ns = -1;   /* set by spin_init_locked (GGUFRUN_SPIN_US) or gr_pool_spin_us */
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -200,13 +200,18 @@ int gr_physical_cores(void) {
     return online > 0 ? (int)online : 1;
 }
 
-static int pool_set_locked(int n) {
-    pthread_once(&atfork_once, register_atfork);
+/* spin_ns from GGUFRUN_SPIN_US (or the default) on first use; run_mutex held */
+static void spin_init_locked(void) {
     if (spin_ns < 0) {
         const char *e = getenv("GGUFRUN_SPIN_US");
         long us = e && *e ? strtol(e, NULL, 10) : SPIN_US_DEFAULT;
         spin_ns = us < 0 ? 0 : (int64_t)us * 1000;
     }
+}
+
+static int pool_set_locked(int n) {
+    pthread_once(&atfork_once, register_atfork);
+    spin_init_locked();
     if (n <= 0) n = gr_physical_cores();
     if (n > 256) n = 256;
     if (n == n_threads) return n_threads;
@@ -287,7 +292,7 @@ void gr_unlock_unless_split(pthread_mutex_t *m) {
 
 int gr_pool_spin_us(int us) {
     pthread_mutex_lock(&run_mutex);
-    if (n_threads == 0) pool_set_locked(0);
+    spin_init_locked();   /* reading or setting the spin starts no threads */
     int old = (int)(atomic_load(&spin_ns) / 1000);
     if (us >= 0) atomic_store(&spin_ns, (int64_t)us * 1000);
     pthread_mutex_unlock(&run_mutex);
