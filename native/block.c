@@ -93,10 +93,9 @@ int gr_attention_block(const gr_attn_block *b, const float *x, int64_t n_tok, in
     if (rc == GR_OK && n_out) {
         /* the last n_out rows go on (a query's attention does not depend on the others of its batch, nor
          * a row's products on the other rows); the rows before only stored their keys and values */
-        int with_out = 0;   /* pieces with output rows: those ending past r0 */
-        for (int g = 0; g < pieces; g++) with_out += gr_piece_start(n_tok, pieces, g + 1) > a.r0;
-        if (with_out > 1) rc = gr_split_rows(attn_output_rows, &a, n_tok, pieces);
-        else rc = attn_output_rows(&a, gr_piece_start(n_tok, pieces, pieces - 1), n_tok);
+        const int64_t last = gr_piece_start(n_tok, pieces, pieces - 1);   /* the last piece's first row */
+        if (last > a.r0) rc = gr_split_rows(attn_output_rows, &a, n_tok, pieces);   /* output rows in two+ */
+        else rc = attn_output_rows(&a, last, n_tok);
     }
     free(a.buf);
     return rc;
@@ -114,14 +113,10 @@ typedef struct {
 static double moe_bytes(const void *layer, int64_t rows) {
     const gr_moe_layer *b = layer;
     int64_t n_sel = rows * b->n_used < b->n_expert ? rows * b->n_used : b->n_expert;
-    double expert = gr_packed_bytes(b->gate_qtype, b->n_ff, b->n_embd) +
-                    gr_packed_bytes(b->up_qtype, b->n_ff, b->n_embd) +
-                    gr_packed_bytes(b->down_qtype, b->n_embd, b->n_ff);
-    double n = gr_packed_bytes(b->router_qtype, b->n_expert, b->n_embd) + (double)n_sel * expert;
+    double n = gr_packed_bytes(b->router_qtype, b->n_expert, b->n_embd) +
+               (double)n_sel * gr_ffn_bytes(b->gate_qtype, b->up_qtype, b->down_qtype, b->n_embd, b->n_ff);
     if (b->shared_n_ff > 0)
-        n += gr_packed_bytes(b->shared_qtypes[0], b->shared_n_ff, b->n_embd) +
-             gr_packed_bytes(b->shared_qtypes[1], b->shared_n_ff, b->n_embd) +
-             gr_packed_bytes(b->shared_qtypes[2], b->n_embd, b->shared_n_ff);
+        n += gr_ffn_bytes(b->shared_qtypes[0], b->shared_qtypes[1], b->shared_qtypes[2], b->n_embd, b->shared_n_ff);
     return n;
 }
 

@@ -291,6 +291,8 @@ static inline int64_t gr_piece_start(int64_t n, int pieces, int g) { return n * 
 int gr_split_pieces(int64_t n_tok, double (*piece_bytes)(const void *layer, int64_t rows), const void *layer);
 int gr_split_rows(gr_rows_fn fn, void *ctx, int64_t n, int pieces);
 double gr_packed_bytes(int qtype, int64_t rows, int64_t cols);   /* rows x cols of a packed type */
+/* a gated FFN's gate, up (n_ff x n_embd) and down (n_embd x n_ff) weights */
+double gr_ffn_bytes(int gate_qtype, int up_qtype, int down_qtype, int64_t n_embd, int64_t n_ff);
 
 int gr_moe_few_ok(int gate_qtype, int up_qtype, int down_qtype, int64_t n_tok, int64_t n_embd, int64_t n_ff);
 int gr_moe_few(int gate_qtype, const void *const *gate_w, int up_qtype, const void *const *up_w,

@@ -909,8 +909,13 @@ int gr_split_rows(gr_rows_fn fn, void *ctx, int64_t n, int pieces) {
 }
 
 double gr_packed_bytes(int qtype, int64_t rows, int64_t cols) {
-    const int bs = gr_block_size(qtype);   /* 0: not a type; the call itself reports it */
-    return bs > 0 ? (double)rows * (double)(cols / bs) * (double)gr_type_size(qtype) : HUGE_VAL;
+    /* not a type: never split, so the call itself reports it */
+    return gr_block_size(qtype) > 0 ? (double)rows * (double)row_bytes(qtype, cols) : HUGE_VAL;
+}
+
+double gr_ffn_bytes(int gate_qtype, int up_qtype, int down_qtype, int64_t n_embd, int64_t n_ff) {
+    return gr_packed_bytes(gate_qtype, n_ff, n_embd) + gr_packed_bytes(up_qtype, n_ff, n_embd) +
+           gr_packed_bytes(down_qtype, n_embd, n_ff);
 }
 
 /* gr_ffn's arguments, for its token split: a piece of rows is the same call on those rows */
@@ -927,8 +932,7 @@ typedef struct {
 static double ffn_bytes(const void *p, int64_t rows) {
     const ffn_call *f = p;
     (void)rows;
-    return gr_packed_bytes(f->qtypes[0], f->n_ff, f->n_embd) + gr_packed_bytes(f->qtypes[1], f->n_ff, f->n_embd) +
-           gr_packed_bytes(f->qtypes[2], f->n_embd, f->n_ff);
+    return gr_ffn_bytes(f->qtypes[0], f->qtypes[1], f->qtypes[2], f->n_embd, f->n_ff);
 }
 
 static int ffn_rows(void *p, int64_t t0, int64_t t1) {
