@@ -41,8 +41,9 @@
  * gap (1 ms against 0.1 ms; five A/Bs of 10 held-out prompts x 128 tokens x 8 rounds alternating in one
  * process, trained MTP model, bench/mtp_threads_ab.py: plain +1-7%, MTP k = 3 +4-10%) keeps the worker
  * there for the whole generation; past it, the process is idle or busy elsewhere and a spinning worker
- * only takes a core from whoever else needs it (another process, or a llama.cpp in this one). The caller never waits for
- * a sleeping worker (dynamic tasks), so a late wake-up costs one call's parallelism, not latency.
+ * only takes a core from whoever else needs it (another process, or a llama.cpp in this one). The
+ * caller never waits for a sleeping worker (dynamic tasks), so a late wake-up costs one call's
+ * parallelism, not latency.
  * Measured by the clock, not pause counts: a pause is ~10 ns on some cores and ~140 ns on others.
  * GGUFRUN_SPIN_US overrides the default (0: sleep at once); gr_pool_spin_us sets it at run time. */
 #define SPIN_US_DEFAULT 1000
